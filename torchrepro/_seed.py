@@ -1,0 +1,172 @@
+"""Seed derivation and :func:`seed_everything`.
+
+Every random stream torchrepro creates is keyed by ``derive_seed(seed, *path)``: a
+BLAKE2b hash (Python's ``hashlib``, so no NumPy needed) of the user's seed and a
+path of purposes and positions, e.g. ``(seed, "sample", epoch, index)``. The encoding
+is unambiguous (each part is tagged and length-fixed), so distinct paths give
+independent 64-bit seeds and every bit of the user's seed matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import secrets
+import sys
+import warnings
+
+import torch
+
+from . import _dist, _envvars
+from ._errors import TorchreproWarning
+
+__all__ = ["SEED_MAX", "derive_seed", "seed_everything", "validate_seed"]
+
+SEED_MAX = 2**64 - 1
+_PERSON = b"torchrepro.v1"  # BLAKE2b personalisation: bump only with a documented stream change
+_MASK64 = 2**64 - 1
+
+log = logging.getLogger("torchrepro")
+
+_hash_seed_warned = False
+
+
+def validate_seed(seed: object, name: str = "seed") -> int:
+    """Return ``seed`` if it is an int in ``[0, 2**64 - 1]``.
+
+    Raises:
+        TypeError: ``seed`` is not an int (a bool is refused too).
+        ValueError: ``seed`` is out of range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int in [0, 2**64 - 1], got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{name} must be an int in [0, 2**64 - 1], got {seed}")
+    return seed
+
+
+def _encode(path: tuple[int | str, ...]) -> bytes:
+    parts = []
+    for item in path:
+        if isinstance(item, str):
+            raw = item.encode()
+            parts.append(b"s" + len(raw).to_bytes(4, "little") + raw)
+        else:
+            parts.append(b"i" + (item & _MASK64).to_bytes(8, "little"))
+    return b"".join(parts)
+
+
+def derive_words(seed: int, *path: int | str, words: int = 1) -> tuple[int, ...]:
+    """``words`` independent 64-bit values for ``(seed, *path)``, from one BLAKE2b call."""
+    digest = hashlib.blake2b(
+        _encode((seed, *path)), digest_size=8 * words, person=_PERSON
+    ).digest()
+    return tuple(int.from_bytes(digest[8 * k : 8 * k + 8], "little") for k in range(words))
+
+
+def derive_seed(seed: int, *path: int | str) -> int:
+    """Derive an independent 64-bit seed for a purpose and position from ``seed``.
+
+    A pure function: the same arguments give the same seed on every machine, Python
+    and torch version. Ints in ``path`` are taken modulo 2**64.
+
+    Args:
+        seed: the run's seed, an int in ``[0, 2**64 - 1]``.
+        *path: purposes and positions, e.g. ``"shuffle", epoch``.
+
+    Returns:
+        An int in ``[0, 2**64 - 1]``.
+
+    Raises:
+        TypeError, ValueError: ``seed`` is not a valid seed, or a path item is not int/str.
+
+    >>> derive_seed(0, "shuffle", 1) == derive_seed(0, "shuffle", 1)
+    True
+    >>> derive_seed(0, "shuffle", 1) != derive_seed(0, "shuffle", 2)
+    True
+    """
+    validate_seed(seed)
+    for item in path:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise TypeError(f"derive_seed path items must be int or str, got {item!r}")
+    return derive_words(seed, *path)[0]
+
+
+def _seed_from_env() -> int | None:
+    return _envvars.env_int(_envvars.SEED, low=0, high=SEED_MAX)
+
+
+def _warn_if_hash_seed_random() -> None:
+    global _hash_seed_warned
+    if _hash_seed_warned:
+        return
+    fixed = sys.flags.hash_randomization == 0 or os.environ.get("PYTHONHASHSEED", "").isdigit()
+    if fixed:
+        return
+    _hash_seed_warned = True
+    warnings.warn(
+        "PYTHONHASHSEED was not fixed when Python started, so the iteration order of sets "
+        "(and of dicts built from them) of str/bytes differs between runs; data built that way "
+        "can be reordered. Launch with `torchrepro run -- python ...` or export PYTHONHASHSEED=0.",
+        TorchreproWarning,
+        stacklevel=3,
+    )
+
+
+def _seed_numpy(value: int) -> None:
+    np = sys.modules.get("numpy")
+    if np is None:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+    # Two 32-bit words: the legacy MT19937 seeding keeps all 64 bits this way.
+    np.random.seed([value & 0xFFFFFFFF, value >> 32])
+
+
+def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
+    """Seed Python ``random``, NumPy's global RNG, torch CPU and every CUDA/MPS/XPU device.
+
+    The three libraries get different streams, each derived from ``seed`` with
+    :func:`derive_seed`, so ``random.random()`` and ``np.random.random()`` do not repeat
+    each other, and seeds that differ in any bit (``0`` and ``2**32``) give different draws.
+
+    Side effects: seeds the global RNGs above; sets ``TORCHREPRO_SEED`` in ``os.environ``
+    so that child processes and :class:`torchrepro.DataLoader` use the same seed; warns
+    once (:class:`TorchreproWarning`) when ``PYTHONHASHSEED`` was not fixed at start.
+
+    Args:
+        seed: an int in ``[0, 2**64 - 1]``. ``None`` reads ``TORCHREPRO_SEED``; if that is
+            unset, a seed is drawn from OS entropy and logged at INFO level.
+        per_rank: mix the torch.distributed global rank (or ``RANK``) into the streams,
+            so each rank draws differently (dropout). The default keeps every rank's
+            streams identical, so model initialisation agrees across ranks.
+
+    Returns:
+        The seed used (not the derived ones).
+
+    Raises:
+        TypeError, ValueError: ``seed`` or ``TORCHREPRO_SEED`` is not a valid seed.
+
+    >>> import random
+    >>> seed_everything(7)
+    7
+    >>> a = random.random(); _ = seed_everything(7); a == random.random()
+    True
+    """
+    _warn_if_hash_seed_random()
+    if seed is None:
+        seed = _seed_from_env()
+        if seed is None:
+            seed = secrets.randbits(32)
+            log.info("torchrepro: no seed given; drew seed %d (set TORCHREPRO_SEED=%d to repeat)", seed, seed)
+    validate_seed(seed)
+    os.environ[_envvars.SEED] = str(seed)
+    path: tuple[int | str, ...] = ("rank", _dist.rank()) if per_rank else ()
+    py_seed, np_seed, torch_seed = derive_words(seed, "global", *path, words=3)
+    random.seed(py_seed)
+    _seed_numpy(np_seed)
+    torch.manual_seed(torch_seed)  # also seeds every CUDA, MPS and XPU device
+    return seed
