@@ -1,0 +1,425 @@
+"""``torchrepro.DataLoader``: torch's DataLoader with per-sample seeding and a resumable order."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any, cast
+
+import torch
+from torch.utils.data import IterableDataset
+
+from .. import _dist, _envvars
+from .._errors import TorchreproError, TorchreproWarning
+from .._seed import SEED_MAX, derive_seed, validate_seed
+from . import _state
+from ._inspect import find_rngs
+from ._sampler import KeySampler, Order
+from ._seeding import IterableWrapper, MapWrapper, WorkerInit, restore_globals, save_globals
+
+__all__ = ["DataLoader"]
+
+log = logging.getLogger("torchrepro")
+
+_REFUSED = {
+    "sampler": "the sample order must be torchrepro's own, so that it is a function of "
+    "(seed, epoch) and can be resumed; use shuffle=True/False",
+    "batch_sampler": "the sample order must be torchrepro's own, so that it is a function of "
+    "(seed, epoch) and can be resumed; use batch_size and drop_last",
+    "generator": "torchrepro owns the loader's generators, derived from seed=",
+}
+# Arguments torch refuses with num_workers=0; dropped when TORCHREPRO_NUM_WORKERS sets 0.
+_WORKER_ONLY = ("persistent_workers", "prefetch_factor", "multiprocessing_context", "timeout")
+
+
+def _resolve_seed(seed: int | None) -> int:
+    if seed is None:
+        seed = _envvars.env_int(_envvars.SEED, low=0, high=SEED_MAX)
+        if seed is None:
+            raise ValueError(
+                "torchrepro.DataLoader needs a seed: pass seed=<int>, or call "
+                f"torchrepro.seed_everything(seed) first (it sets {_envvars.SEED})"
+            )
+    return validate_seed(seed)
+
+
+def _resolve_workers(kwargs: dict[str, Any]) -> None:
+    forced = _envvars.env_int(_envvars.NUM_WORKERS, low=0)
+    if forced is None:
+        return
+    log.info("torchrepro: %s=%d replaces num_workers", _envvars.NUM_WORKERS, forced)
+    kwargs["num_workers"] = forced
+    if forced == 0:
+        for name in _WORKER_ONLY:
+            if kwargs.get(name) not in (None, False, 0):
+                log.info("torchrepro: num_workers is 0, so %s=%r is dropped", name, kwargs[name])
+            kwargs.pop(name, None)
+
+
+class DataLoader(torch.utils.data.DataLoader[Any]):
+    """torch's DataLoader whose output is a pure function of (seed, epoch, sample index).
+
+    Before ``dataset[i]`` runs, in whatever process runs it, Python ``random``, NumPy's
+    global RNG and torch's CPU generator are seeded from ``(seed, epoch, i)`` (see
+    :func:`torchrepro.sample_seed`), so random augmentations do not depend on
+    ``num_workers``, ``persistent_workers``, the start method, ``prefetch_factor`` or
+    ``pin_memory``. The epoch's order is a permutation drawn from
+    ``derive_seed(seed, "shuffle", epoch)``. The main process's global RNGs are never
+    drawn from or left changed (with ``num_workers=0`` they are saved before and
+    restored after each batch), so the training loop's randomness does not depend on
+    data loading.
+
+    Epochs advance by themselves: each ``iter()`` continues the current epoch, and once
+    its last batch was received the next ``iter()`` starts the next epoch. A new
+    ``iter()`` after the caller broke off mid-epoch continues where the caller stopped,
+    so :meth:`state_dict` always describes what the next iteration yields.
+
+    ``loader.dataset`` is the dataset given; workers load it through a seeding wrapper.
+    A ``collate_fn`` that draws randomness continues the streams of the batch's last
+    sample, so it is reproducible too.
+
+    With an ``IterableDataset``, item ``k`` of worker ``w`` is seeded from
+    ``(seed, epoch, w, k)``: reproducible for a fixed ``num_workers`` only (invariance to
+    ``num_workers`` needs a map-style dataset), each ``iter()`` starts a new epoch, and
+    ``persistent_workers`` is refused (the epoch cannot reach persistent workers).
+
+    Side effects: none on global state. Reads ``TORCHREPRO_SEED`` (when ``seed`` is None)
+    and ``TORCHREPRO_NUM_WORKERS`` (which, when set, replaces ``num_workers``; setting 0
+    drops ``persistent_workers``, ``prefetch_factor``, ``multiprocessing_context`` and
+    ``timeout``, with an INFO log). Warns (:class:`TorchreproWarning`) when the dataset
+    holds its own RNG objects, which per-sample seeding cannot reach.
+
+    Args:
+        dataset: a map-style or iterable dataset.
+        batch_size: as in torch; ``None`` disables batching.
+        shuffle: draw a new permutation each epoch (map-style datasets only).
+        seed: an int in ``[0, 2**64 - 1]``; ``None`` reads ``TORCHREPRO_SEED``, which
+            :func:`torchrepro.seed_everything` sets.
+        **kwargs: torch DataLoader keyword arguments (``num_workers``, ``collate_fn``,
+            ``pin_memory``, ``drop_last``, ``worker_init_fn`` (runs after
+            torchrepro's, which seeds the worker from (seed, worker id)), ...).
+
+    Raises:
+        ValueError: no seed; ``sampler``, ``batch_sampler``, ``generator`` or
+            ``in_order=False`` given; a bad ``TORCHREPRO_NUM_WORKERS``; shuffle or
+            persistent workers with an IterableDataset.
+        TypeError: ``seed`` is not an int.
+
+    >>> import torch, torchrepro
+    >>> class Noisy(torch.utils.data.Dataset):
+    ...     def __len__(self): return 4
+    ...     def __getitem__(self, i): return torch.rand(())
+    >>> a = torch.cat(list(torchrepro.DataLoader(Noisy(), batch_size=2, seed=1)))
+    >>> b = torch.cat(list(torchrepro.DataLoader(Noisy(), batch_size=2, seed=1)))
+    >>> bool(torch.equal(a, b))
+    True
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int | None = 1,
+        shuffle: bool | None = False,
+        *,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for name, why in _REFUSED.items():
+            if kwargs.get(name) is not None:
+                raise ValueError(f"torchrepro.DataLoader does not accept {name}=: {why}")
+        if kwargs.pop("in_order", True) is not True:
+            raise ValueError(
+                "torchrepro.DataLoader does not accept in_order=False: batches delivered "
+                "out of order depend on worker timing, so runs would differ"
+            )
+        if shuffle is not None and not isinstance(shuffle, bool):
+            raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__} {shuffle!r}")
+        seed = _resolve_seed(seed)
+        _resolve_workers(kwargs)
+        self._repro_seed = seed
+        self._repro_building = False
+        self._repro_gen = 0  # iterators older than the newest one do not move the position
+        self._repro_epoch = 0
+        self._repro_batch = 0  # map-style: batches of the epoch the caller received
+        self._repro_items = 0  # iterable: items of the epoch the caller received
+        self._repro_started = False  # iterable: an iter() of _repro_epoch was made
+        self._repro_resume = False  # iterable: the next iter() continues a loaded state
+        self._repro_iterable = isinstance(dataset, IterableDataset)
+        sampler: KeySampler | None = None
+        self._repro_wrapper: MapWrapper | IterableWrapper
+        if self._repro_iterable:
+            if shuffle:
+                raise ValueError(
+                    "shuffle=True needs a map-style dataset; an IterableDataset orders itself"
+                )
+            if kwargs.get("persistent_workers"):
+                raise ValueError(
+                    "persistent_workers=True is not supported with an IterableDataset: "
+                    "the epoch, which seeds its items, cannot reach persistent workers"
+                )
+            self._repro_wrapper = IterableWrapper(dataset, seed)
+        else:
+            world = _dist.world_size() if _dist.is_distributed() else 1
+            rank = _dist.rank() if _dist.is_distributed() else 0
+            order = Order(
+                length=len(dataset),
+                batch_size=1 if batch_size is None else batch_size,
+                drop_last=bool(kwargs.get("drop_last", False)),
+                shuffle=bool(shuffle),
+                seed=seed,
+                world_size=world,
+                rank=rank,
+            )
+            sampler = KeySampler(order)
+            self._repro_wrapper = MapWrapper(dataset, seed)
+        kwargs["worker_init_fn"] = WorkerInit(seed, kwargs.get("worker_init_fn"))
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            sampler=sampler,
+            # Private, so that torch's base-seed draw leaves the global generator alone.
+            generator=torch.Generator().manual_seed(derive_seed(seed, "loader")),
+            **kwargs,
+        )
+        paths = find_rngs(dataset)
+        if paths:
+            warnings.warn(
+                f"the dataset holds its own RNG object(s): {', '.join(paths[:5])}. "
+                "torchrepro seeds the global RNGs (random, numpy.random, torch) per sample; "
+                "its own generators are not reseeded, so their draws depend on num_workers "
+                "and loading order. Draw from the global RNGs, or build the generator inside "
+                "__getitem__ from torchrepro.sample_seed().",
+                TorchreproWarning,
+                stacklevel=2,
+            )
+
+    # The base __init__'s `self.dataset = ...` goes through this setter. The getter
+    # gives torch's iterator classes the seeding wrapper while _get_iterator() builds
+    # one (they read loader.dataset only then; a persistent iterator's _reset does not),
+    # and everyone else the user's dataset.
+    @property  # type: ignore[override]
+    def dataset(self) -> Any:
+        if self._repro_building:
+            return self._repro_wrapper
+        return self._repro_user_dataset
+
+    @dataset.setter
+    def dataset(self, value: Any) -> None:
+        self._repro_user_dataset = value
+
+    def _get_iterator(self) -> Any:
+        self._repro_building = True
+        try:
+            return super()._get_iterator()
+        finally:
+            self._repro_building = False
+
+    @property
+    def seed(self) -> int:
+        """The loader's seed."""
+        return self._repro_seed
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration produces, or continues."""
+        if self._repro_iterable and self._repro_started and not self._repro_resume:
+            return self._repro_epoch + 1
+        return self._repro_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration start epoch ``epoch`` from its first batch.
+
+        Args:
+            epoch: an int >= 0.
+
+        Raises:
+            TypeError, ValueError: ``epoch`` is not an int >= 0.
+
+        >>> import torchrepro
+        >>> loader = torchrepro.DataLoader(list(range(4)), batch_size=2, shuffle=True, seed=0)
+        >>> loader.set_epoch(3); loader.epoch
+        3
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise TypeError(f"epoch must be an int >= 0, got {type(epoch).__name__} {epoch!r}")
+        if epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch}")
+        self._repro_gen += 1
+        self._repro_epoch, self._repro_batch, self._repro_items = epoch, 0, 0
+        self._repro_started = self._repro_resume = False
+
+    def __iter__(self) -> _LoaderIter:  # type: ignore[override]
+        self._repro_gen += 1
+        if self._repro_iterable:
+            if self._repro_started and not self._repro_resume:
+                self._repro_epoch, self._repro_items = self._repro_epoch + 1, 0
+            self._repro_started, self._repro_resume = True, False
+            wrapper = cast(IterableWrapper, self._repro_wrapper)
+            wrapper.epoch, wrapper.start_item = self._repro_epoch, self._repro_items
+            remaining = -1
+        else:
+            sampler = cast(KeySampler, self.sampler)
+            sampler.epoch, sampler.start_batch = self._repro_epoch, self._repro_batch
+            remaining = sampler.order.batches_per_epoch() - self._repro_batch
+        inner = super().__iter__()
+        return _LoaderIter(self, inner, self._repro_gen, remaining)
+
+    def _received(self, gen: int) -> None:
+        """The caller received a batch from the iterator of generation ``gen``."""
+        if gen != self._repro_gen:
+            return
+        if self._repro_iterable:
+            self._repro_items = cast(IterableWrapper, self._repro_wrapper).items
+            return
+        self._repro_batch += 1
+        if self._repro_batch >= cast(KeySampler, self.sampler).order.batches_per_epoch():
+            self._repro_epoch, self._repro_batch = self._repro_epoch + 1, 0
+
+    def _exhausted(self, gen: int, empty: bool) -> None:
+        """The iterator of generation ``gen`` ran out; ``empty``: it yielded nothing."""
+        if gen != self._repro_gen:
+            return
+        if self._repro_iterable:
+            self._repro_epoch, self._repro_items = self._repro_epoch + 1, 0
+            self._repro_started = False
+        elif empty and self._repro_batch == 0:  # an empty epoch still counts as one
+            self._repro_epoch += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the next batch: a plain versioned dict (JSON- and
+        ``torch.load(weights_only=True)``-safe) of the seed, the epoch, the batches of it
+        received, and the loader's configuration.
+
+        Batches prefetched by workers but not yet received by the caller do not count.
+        With an IterableDataset, the dataset's own ``state_dict()`` is included.
+
+        Returns:
+            See ``torchrepro/data/_state.py`` for the keys.
+
+        Raises:
+            TorchreproError: the dataset is an IterableDataset and ``num_workers > 0`` (the
+                items in flight in workers cannot be accounted for), or it has no
+                ``state_dict``/``load_state_dict`` of its own.
+
+        >>> import torchrepro
+        >>> loader = torchrepro.DataLoader(list(range(10)), batch_size=4, seed=0)
+        >>> it = iter(loader); _ = next(it)
+        >>> state = loader.state_dict(); state["epoch"], state["batches_received"]
+        (0, 1)
+        """
+        if not self._repro_iterable:
+            order = cast(KeySampler, self.sampler).order
+            return _state.map_state(
+                seed=self._repro_seed,
+                epoch=self._repro_epoch,
+                batches=self._repro_batch,
+                order=order,
+                batch_size=self.batch_size,
+            )
+        self._check_iterable_resumable()
+        epoch = self.epoch
+        items = self._repro_items if epoch == self._repro_epoch else 0
+        return _state.iterable_state(
+            seed=self._repro_seed, epoch=epoch, items=items, dataset=self._repro_user_dataset
+        )
+
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        """Make the next iteration continue where the loader that saved ``state`` stopped.
+
+        Works in a new process and with another ``num_workers`` or persistent setting.
+        Skipped samples are not loaded: the cost is one permutation, O(dataset length).
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+            strict: with ``False``, a state saved under another world size is accepted,
+                and the position is rounded down to a whole global batch of this world
+                size (samples may repeat, none are skipped).
+
+        Raises:
+            TypeError: ``state`` or one of its values has the wrong type.
+            ValueError: unknown version or keys, a position out of range, or a state made
+                for another seed, dataset length, batch_size, drop_last, shuffle or
+                (``strict``) world size.
+            TorchreproError: see :meth:`state_dict` for IterableDatasets.
+
+        >>> import torchrepro
+        >>> loader = torchrepro.DataLoader(list(range(10)), batch_size=4, seed=0)
+        >>> state = loader.state_dict(); state["batches_received"] = 2
+        >>> loader.load_state_dict(state); [b.tolist() for b in loader]
+        [[8, 9]]
+        """
+        if self._repro_iterable:
+            self._check_iterable_resumable()
+            epoch, items = _state.load_iterable(
+                state, seed=self._repro_seed, dataset=self._repro_user_dataset
+            )
+            self.set_epoch(epoch)
+            self._repro_items, self._repro_resume = items, True
+            return
+        epoch, batches = _state.load_map(
+            state,
+            seed=self._repro_seed,
+            order=cast(KeySampler, self.sampler).order,
+            batch_size=self.batch_size,
+            strict=strict,
+        )
+        self.set_epoch(epoch)
+        self._repro_batch = batches
+
+    def _check_iterable_resumable(self) -> None:
+        dataset = self._repro_user_dataset
+        if self.num_workers != 0:
+            raise TorchreproError(
+                "state_dict/load_state_dict need num_workers=0 with an IterableDataset: "
+                f"items in flight in {self.num_workers} workers cannot be accounted for. "
+                "Use a map-style dataset to resume with workers."
+            )
+        if not (hasattr(dataset, "state_dict") and hasattr(dataset, "load_state_dict")):
+            raise TorchreproError(
+                f"cannot checkpoint the position in {type(dataset).__name__}: an "
+                "IterableDataset can only be resumed when it has state_dict() and "
+                "load_state_dict() of its own"
+            )
+
+
+class _LoaderIter:
+    """Counts the batches the caller receives; isolates the global RNGs with num_workers=0."""
+
+    def __init__(self, loader: DataLoader, inner: Iterator[Any], gen: int, remaining: int) -> None:
+        self._loader = loader
+        self._inner = inner
+        self._gen = gen
+        self._remaining = remaining
+        self._empty = remaining == 0
+        self._done = False
+        self._isolate = loader.num_workers == 0
+
+    def __iter__(self) -> _LoaderIter:
+        return self
+
+    def __len__(self) -> int:
+        if self._remaining >= 0:
+            return self._remaining
+        return len(self._loader)
+
+    def __next__(self) -> Any:
+        try:
+            if self._isolate:
+                saved = save_globals()
+                try:
+                    batch = next(self._inner)
+                finally:
+                    restore_globals(saved)
+            else:
+                batch = next(self._inner)
+        except StopIteration:
+            if not self._done:
+                self._done = True
+                self._loader._exhausted(self._gen, self._empty)
+            raise
+        if self._remaining > 0:
+            self._remaining -= 1
+        self._loader._received(self._gen)
+        return batch

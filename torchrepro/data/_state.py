@@ -1,0 +1,176 @@
+"""The loader's state dict: a plain, versioned dict that JSON and ``weights_only`` carry.
+
+Map-style datasets::
+
+    {"version": 1, "kind": "map", "seed": int, "epoch": int,
+     "batches_received": int,   # batches of this epoch the caller received (per rank,
+                                # which is the global batch count: the same on every rank)
+     "samples_consumed": int,   # samples of the epoch's global order consumed
+     "dataset_length": int, "batch_size": int | None, "drop_last": bool,
+     "shuffle": bool, "world_size": int}
+
+Iterable datasets (num_workers=0 and a stateful dataset only)::
+
+    {"version": 1, "kind": "iterable", "seed": int, "epoch": int,
+     "items_received": int, "dataset_state": <the dataset's own state_dict()>}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .._seed import SEED_MAX
+from ._sampler import Order
+
+STATE_VERSION = 1
+MAP_KEYS = (
+    "version",
+    "kind",
+    "seed",
+    "epoch",
+    "batches_received",
+    "samples_consumed",
+    "dataset_length",
+    "batch_size",
+    "drop_last",
+    "shuffle",
+    "world_size",
+)
+ITERABLE_KEYS = ("version", "kind", "seed", "epoch", "items_received", "dataset_state")
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def check_int(state: Mapping[str, Any], key: str, low: int = 0, high: int | None = None) -> int:
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"loader state {key!r} must be an int, got {_type_name(value)} {value!r}")
+    if value < low or (high is not None and value > high):
+        upper = "" if high is None else f", {high}"
+        raise ValueError(f"loader state {key!r} must be an int in [{low}{upper}], got {value}")
+    return value
+
+
+def check_bool(state: Mapping[str, Any], key: str) -> bool:
+    value = state[key]
+    if not isinstance(value, bool):
+        raise TypeError(f"loader state {key!r} must be a bool, got {_type_name(value)} {value!r}")
+    return value
+
+
+def validate(state: object, kind: str) -> Mapping[str, Any]:
+    """Check the version, kind, keys and types shared by both kinds; return the mapping."""
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"state must be a dict from torchrepro.DataLoader.state_dict(), got {_type_name(state)}"
+        )
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise ValueError(
+            f"loader state 'version' must be {STATE_VERSION}, got {version!r}: "
+            "was it made by torchrepro.DataLoader.state_dict()?"
+        )
+    got_kind = state.get("kind")
+    if got_kind != kind:
+        raise ValueError(
+            f"loader state 'kind' must be {kind!r} for this loader's dataset, got {got_kind!r}"
+        )
+    keys = MAP_KEYS if kind == "map" else ITERABLE_KEYS
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(f"loader state is missing key(s) {missing}")
+    unknown = sorted(set(state) - set(keys))
+    if unknown:
+        raise ValueError(f"loader state has unknown key(s) {unknown}")
+    check_int(state, "seed", high=SEED_MAX)
+    check_int(state, "epoch")
+    return state
+
+
+def check_same(key: str, saved: object, here: object) -> None:
+    if saved != here or type(saved) is not type(here):
+        raise ValueError(
+            f"loader state was made for {key}={saved!r}, but this loader has {key}={here!r}; "
+            f"build the loader with the same {key} to resume"
+        )
+
+
+def map_state(
+    *, seed: int, epoch: int, batches: int, order: Order, batch_size: int | None
+) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "kind": "map",
+        "seed": seed,
+        "epoch": epoch,
+        "batches_received": batches,
+        "samples_consumed": order.samples_consumed(batches),
+        "dataset_length": order.length,
+        "batch_size": batch_size,
+        "drop_last": order.drop_last,
+        "shuffle": order.shuffle,
+        "world_size": order.world_size,
+    }
+
+
+def load_map(
+    state: object, *, seed: int, order: Order, batch_size: int | None, strict: bool
+) -> tuple[int, int]:
+    """Validate a map-style state against the loader; return ``(epoch, batches_received)``."""
+    state = validate(state, "map")
+    check_same("seed", check_int(state, "seed", high=SEED_MAX), seed)
+    check_same("dataset_length", check_int(state, "dataset_length"), order.length)
+    saved_batch = state["batch_size"]
+    if saved_batch is not None:
+        check_int(state, "batch_size", low=1)
+    check_same("batch_size", saved_batch, batch_size)
+    check_same("drop_last", check_bool(state, "drop_last"), order.drop_last)
+    check_same("shuffle", check_bool(state, "shuffle"), order.shuffle)
+    epoch = check_int(state, "epoch")
+    world = check_int(state, "world_size", low=1)
+    consumed = check_int(state, "samples_consumed", high=order.length)
+    per_epoch = order.batches_per_epoch()
+    if world != order.world_size:
+        if strict:
+            raise ValueError(
+                f"loader state was made with world_size={world}, but this loader runs with "
+                f"world_size={order.world_size}; pass strict=False to continue from its "
+                f"sample position ({consumed} samples of epoch {epoch} consumed)"
+            )
+        # Round down: samples may be seen twice across the change, never skipped.
+        batches = consumed // order.global_batch
+    else:
+        batches = check_int(state, "batches_received", high=per_epoch)
+        expected = order.samples_consumed(batches)
+        if consumed != expected:
+            raise ValueError(
+                f"loader state 'samples_consumed' must be {expected} for "
+                f"batches_received={batches}, got {consumed}"
+            )
+    if per_epoch and batches >= per_epoch:
+        return epoch + 1, 0
+    return epoch, batches
+
+
+def iterable_state(*, seed: int, epoch: int, items: int, dataset: Any) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "kind": "iterable",
+        "seed": seed,
+        "epoch": epoch,
+        "items_received": items,
+        "dataset_state": dataset.state_dict(),
+    }
+
+
+def load_iterable(state: object, *, seed: int, dataset: Any) -> tuple[int, int]:
+    """Validate an iterable state, load the dataset's part; return ``(epoch, items)``."""
+    state = validate(state, "iterable")
+    check_same("seed", check_int(state, "seed", high=SEED_MAX), seed)
+    epoch = check_int(state, "epoch")
+    items = check_int(state, "items_received")
+    dataset.load_state_dict(state["dataset_state"])
+    return epoch, items
