@@ -1,0 +1,355 @@
+"""Exact, device-side checksums of tensors, and norms for reporting.
+
+The checksum of a tensor ``t`` is defined on its bytes in logical (row-major) order,
+read as little-endian 64-bit words ``x[k]`` (the last word zero-padded):
+
+    S = sum_k x[k] * W[k]  (mod 2**64),   W[k] = A[k mod C] * B[k div C]  (mod 2**64)
+
+where ``A`` and ``B`` are odd 64-bit constants from splitmix64 (``B[0] = 1``) and
+``C = 2**14``. The result is ``fmix64(S + tag(dtype, shape))``, a bijection of ``S`` for a
+given dtype and shape. Hence:
+
+- any change confined to one 64-bit word (a flipped bit, a changed element of up to
+  8 bytes) always changes the checksum, because ``W[k]`` is odd;
+- moving values to other positions changes it (with probability ``1 - 2**-64``);
+- a reshape or a dtype view of the same bytes changes it (the tag);
+- integer sums are exact and associative modulo 2**64, so the value does not depend
+  on the number of threads, the reduction order, or the device.
+
+Everything up to one ``int64`` per tensor is computed on the tensor's own device; many
+tensors share one host transfer (:func:`tensor_checksums`). Large tensors are processed
+in row blocks, so the temporaries stay small (in cache on CPU), and the weights are
+cached per device: ``A`` (128 KiB), ``B`` and, for batches of small tensors, the
+concatenated weights of the batch's layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["tensor_checksum", "tensor_checksums", "tensor_norm", "tensor_norms"]
+
+_MASK = 2**64 - 1
+_C = 1 << 14  # words per row of the weight table
+_SMALL_BATCH_WORDS = 1 << 20  # cap on one batch of small tensors (bounds the layout cache)
+_MAX_LAYOUTS = 64
+_CPU_BLOCK_WORDS = 1 << 19  # 4 MiB of int64 temporaries per block: stays in cache
+_DEVICE_BLOCK_WORDS = 1 << 25
+
+# splitmix64 constants, as signed int64 for torch arithmetic
+_GAMMA = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+
+
+def _signed(value: int) -> int:
+    value &= _MASK
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _fmix64(z: int) -> int:
+    """splitmix64's finaliser on a Python int: a bijection of [0, 2**64)."""
+    z &= _MASK
+    z = ((z ^ (z >> 30)) * _M1) & _MASK
+    z = ((z ^ (z >> 27)) * _M2) & _MASK
+    return z ^ (z >> 31)
+
+
+def _py_weight(index: int, salt: int) -> int:
+    """Reference (pure Python) value of one weight: odd splitmix64 of ``index``."""
+    return _fmix64((index + salt + 1) * _GAMMA) | 1
+
+
+def _lshr(x: torch.Tensor, shift: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; masking the sign-extended bits makes it logical
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _mix_tensor(index: torch.Tensor, salt: int) -> torch.Tensor:
+    """:func:`_py_weight` for an int64 tensor of indices, with wrap-around arithmetic."""
+    z = (index + (salt + 1)) * _signed(_GAMMA)
+    z = (z ^ _lshr(z, 30)) * _signed(_M1)
+    z = (z ^ _lshr(z, 27)) * _signed(_M2)
+    return (z ^ _lshr(z, 31)) | 1
+
+
+_SALT_A = 0
+_SALT_B = 1 << 40
+
+_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_layouts: dict[
+    tuple[torch.device, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+] = {}
+_zeros: dict[torch.device, torch.Tensor] = {}
+
+
+def _table_a(device: torch.device) -> torch.Tensor:
+    return _table(device, 1)[0]
+
+
+def _table(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` on ``device`` with ``len(B) >= rows``."""
+    cached = _tables.get(device)
+    if cached is not None and cached[1].numel() >= rows:
+        return cached
+    a = _mix_tensor(torch.arange(_C, dtype=torch.int64, device=device), _SALT_A)
+    size = 1 << max(rows - 1, 1).bit_length()
+    b = _mix_tensor(torch.arange(size, dtype=torch.int64, device=device), _SALT_B)
+    b[0] = 1  # a tensor of at most C words needs only A
+    _tables[device] = (a, b)
+    return a, b
+
+
+@functools.lru_cache(maxsize=4096)
+def _tag(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    text = f"torchrepro.checksum.v1|{dtype}|{shape}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` in logical order, as a contiguous 1-D uint8 tensor."""
+    if t.layout != torch.strided:
+        raise TypeError(f"tensor_checksum needs a dense (strided) tensor, got layout {t.layout}")
+    flat = t.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def _zero_pad(device: torch.device, length: int) -> torch.Tensor:
+    zeros = _zeros.get(device)
+    if zeros is None:
+        zeros = _zeros[device] = torch.zeros(8, dtype=torch.uint8, device=device)
+    return zeros[:length]
+
+
+def _words(raw: torch.Tensor) -> torch.Tensor:
+    """``raw`` (uint8) as int64 words, zero-padding the last one."""
+    pad = -raw.numel() % 8
+    if pad:
+        raw = torch.cat([raw, _zero_pad(raw.device, pad)])
+    elif raw.storage_offset() % 8:
+        raw = raw.clone()  # a view at an unaligned offset cannot be read as int64
+    return raw.view(torch.int64)
+
+
+def _large_sum(words: torch.Tensor) -> torch.Tensor:
+    """``S`` (as a 0-d int64 tensor) of one tensor of more than ``C`` words."""
+    m = words.numel()
+    full, rest = divmod(m, _C)
+    a, b = _table(words.device, full + 1)
+    rows = words[: full * _C].view(full, _C)
+    block = _CPU_BLOCK_WORDS if words.device.type == "cpu" else _DEVICE_BLOCK_WORDS
+    step = max(block // _C, 1)
+    row_sums = torch.cat([(rows[i : i + step] * a).sum(1) for i in range(0, full, step)])
+    total = (row_sums * b[:full]).sum()
+    if rest:
+        total = total + (words[full * _C :] * a[:rest]).sum() * b[full]
+    return total
+
+
+def _layout(
+    device: torch.device, counts: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenated weights, and segment start/end indices, for a batch of small tensors."""
+    key = (device, counts)
+    cached = _layouts.get(key)
+    if cached is not None:
+        return cached
+    a = _table_a(device)
+    weights = torch.cat([a[:n] for n in counts])
+    ends, total = [], 0
+    for n in counts:
+        total += n
+        ends.append(total)
+    end = torch.tensor(ends, dtype=torch.int64, device=device)
+    start = end - torch.tensor(counts, dtype=torch.int64, device=device)
+    if len(_layouts) >= _MAX_LAYOUTS:
+        _layouts.clear()
+    _layouts[key] = (weights, start, end)
+    return weights, start, end
+
+
+def _small_sums(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``S`` of each tensor in ``parts`` (int64 words, at most ``C`` each), as one int64 tensor."""
+    device = parts[0].device
+    counts = tuple(p.numel() for p in parts)
+    weights, start, end = _layout(device, counts)
+    products = torch.cat(parts) * weights
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), products.cumsum(0)])
+    # differences of a wrap-around prefix sum are exact modulo 2**64
+    return cumulative[end] - cumulative[start]
+
+
+def _device_sums(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """``S`` of tensors that share one device, with a single transfer to the host."""
+    results: list[torch.Tensor | None] = [None] * len(tensors)
+    small: list[tuple[int, torch.Tensor]] = []
+    batch_words = 0
+
+    def flush() -> None:
+        nonlocal small, batch_words
+        if small:
+            sums = _small_sums([w for _, w in small])
+            for j, (i, _) in enumerate(small):
+                results[i] = sums[j]
+        small, batch_words = [], 0
+
+    for i, t in enumerate(tensors):
+        words = _words(_bytes(t))
+        if words.numel() > _C:
+            results[i] = _large_sum(words)
+        else:
+            if batch_words + words.numel() > _SMALL_BATCH_WORDS:
+                flush()
+            small.append((i, words))
+            batch_words += words.numel()
+    flush()
+    stacked = torch.stack([r for r in results if r is not None])
+    return [v & _MASK for v in stacked.tolist()]
+
+
+def tensor_checksums(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Exact 64-bit checksums of many tensors, with one host transfer per device.
+
+    Equal to ``[tensor_checksum(t) for t in tensors]``, but batches small tensors into a
+    few device operations, which matters when it runs every training step.
+
+    Args:
+        tensors: dense tensors on any devices, any dtypes, contiguous or not.
+
+    Returns:
+        One int in ``[0, 2**64)`` per tensor, in order.
+
+    Raises:
+        TypeError: an item is not a dense ``torch.Tensor``.
+
+    >>> import torch
+    >>> a, b = torch.arange(6.0), torch.ones(2, 3)
+    >>> tensor_checksums([a, b]) == [tensor_checksum(a), tensor_checksum(b)]
+    True
+    """
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"tensor_checksums expects torch.Tensor items, got {type(t).__name__} at index {i}"
+            )
+        by_device.setdefault(t.device, []).append(i)
+    sums: list[int] = [0] * len(tensors)
+    with torch.no_grad():
+        for indices in by_device.values():
+            for i, s in zip(indices, _device_sums([tensors[i] for i in indices]), strict=True):
+                sums[i] = s
+    return [_fmix64(s + _tag(t.dtype, tuple(t.shape))) for s, t in zip(sums, tensors, strict=True)]
+
+
+def tensor_checksum(t: torch.Tensor) -> int:
+    """An exact 64-bit checksum of a tensor's dtype, shape and values, bit for bit.
+
+    Computed on the tensor's device in integer arithmetic (a weighted sum of its 64-bit
+    words modulo 2**64, see the module docstring); only the final int reaches the host.
+    Any single flipped bit changes it; contiguous and non-contiguous tensors with the same
+    logical values agree; thread count and device do not matter.
+
+    Args:
+        t: a dense tensor of any dtype (bool, ints, floats, float8, complex).
+
+    Returns:
+        An int in ``[0, 2**64)``.
+
+    Raises:
+        TypeError: ``t`` is not a dense ``torch.Tensor``.
+
+    >>> import torch
+    >>> x = torch.arange(12.0).reshape(3, 4)
+    >>> tensor_checksum(x) == tensor_checksum(x.t().contiguous().t())
+    True
+    >>> y = x.clone(); y.view(torch.int32)[1, 2] ^= 1  # flip the lowest bit of one float
+    >>> tensor_checksum(x) == tensor_checksum(y)
+    False
+    """
+    return tensor_checksums([t])[0]
+
+
+_LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
+_UPCAST = {torch.complex32: torch.complex64}  # dtypes torch cannot reduce in place
+
+
+def _norm_input(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.dtype in _UPCAST:
+        return t.to(_UPCAST[t.dtype])
+    if t.is_floating_point() and t.element_size() == 1:  # float8 variants
+        return t.float()
+    return t
+
+
+def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """Euclidean norms of many tensors, as Python floats, for reporting magnitudes.
+
+    Floating-point and complex tensors are reduced in their own precision (float32 at
+    least); integer and bool tensors in float64. The values are for people to read, not
+    for equality: use :func:`tensor_checksums` for that. (A float64 reduction costs about
+    20 times as much on CPU, and this runs every traced step.)
+
+    Args:
+        tensors: dense tensors on any devices.
+
+    Returns:
+        One float per tensor, in order (0.0 for an empty tensor).
+
+    Raises:
+        TypeError: an item is not a ``torch.Tensor``.
+
+    >>> import torch
+    >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([True, False])])
+    [5.0, 1.0]
+    """
+    out: list[float] = [0.0] * len(tensors)
+    groups: dict[tuple[torch.device, bool], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"tensor_norms expects torch.Tensor items, got {type(t).__name__} at index {i}"
+            )
+        groups.setdefault((t.device, t.dtype in _LOW_PRECISION), []).append(i)
+    with torch.no_grad():
+        for (_, low), indices in groups.items():
+            norms: list[torch.Tensor] = []
+            floats = [
+                i for i in indices if tensors[i].is_floating_point() or tensors[i].is_complex()
+            ]
+            if floats:
+                batch = [_norm_input(tensors[i]) for i in floats]
+                dtype = torch.float32 if low else None
+                norms.extend(torch._foreach_norm(batch, 2, dtype=dtype))
+            others = sorted(set(indices) - set(floats))
+            norms.extend(torch.linalg.vector_norm(tensors[i].detach().double()) for i in others)
+            values = torch.stack([n.reshape(()).to(torch.float64) for n in norms]).tolist()
+            for i, v in zip(floats + others, values, strict=True):
+                out[i] = float(v)
+    return out
+
+
+def tensor_norm(t: torch.Tensor) -> float:
+    """The Euclidean norm of ``t`` as a Python float, for reporting (see :func:`tensor_norms`).
+
+    Args:
+        t: a dense tensor.
+
+    Returns:
+        The norm.
+
+    Raises:
+        TypeError: ``t`` is not a ``torch.Tensor``.
+
+    >>> import torch
+    >>> tensor_norm(torch.tensor([3.0, 4.0]))
+    5.0
+    """
+    return tensor_norms([t])[0]
