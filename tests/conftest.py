@@ -17,6 +17,9 @@ import torchrepro._seed
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The suite is not a training run: silence the PYTHONHASHSEED advice (test_seed tests it).
+torchrepro._seed._hash_seed_warned = True
+
 
 def _flags() -> dict[str, Any]:
     flags: dict[str, Any] = {
@@ -28,6 +31,7 @@ def _flags() -> dict[str, Any]:
         "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "num_threads": torch.get_num_threads(),
+        "mkldnn.deterministic": getattr(torch.backends.mkldnn, "deterministic", None),
     }
     fill = getattr(getattr(torch.utils, "deterministic", None), "fill_uninitialized_memory", None)
     flags["fill_uninitialized_memory"] = fill
@@ -42,8 +46,16 @@ def _restore_flags(flags: dict[str, Any]) -> None:
     torch.backends.cuda.matmul.allow_tf32 = flags["matmul.allow_tf32"]
     torch.set_float32_matmul_precision(flags["float32_matmul_precision"])
     torch.set_num_threads(flags["num_threads"])
+    if flags["mkldnn.deterministic"] is not None:
+        torch.backends.mkldnn.deterministic = flags["mkldnn.deterministic"]
     if flags["fill_uninitialized_memory"] is not None:
         torch.utils.deterministic.fill_uninitialized_memory = flags["fill_uninitialized_memory"]
+
+
+def _env() -> dict[str, str]:
+    # pytest's own variable, and a cache dir torch exports lazily on first use of inductor config.
+    ignored = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+    return {k: v for k, v in os.environ.items() if k not in ignored}
 
 
 def _rng() -> tuple[Any, ...]:
@@ -57,16 +69,17 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     Tests that change global state on purpose restore it themselves (or use
     ``monkeypatch``); a leak is a bug in the test or in torchrepro.
     """
-    env = dict(os.environ)
+    env = _env()
     flags = _flags()
     rng = _rng()
     warned = torchrepro._seed._hash_seed_warned
     yield
     leaks = []
-    if dict(os.environ) != env:
-        changed = sorted(set(os.environ.items()) ^ set(env.items()))
+    if _env() != env:
+        changed = sorted(set(_env().items()) ^ set(env.items()))
         leaks.append(f"environment variables changed: {changed}")
-        os.environ.clear()
+        for key in set(_env()) - set(env):
+            del os.environ[key]
         os.environ.update(env)
     now = _flags()
     if now != flags:

@@ -1,5 +1,7 @@
 """torchrepro: bitwise-reproducible PyTorch training, and the tools that prove it."""
 
+from ._determinism import DeterminismSettings, deterministic
+from ._envdiff import Difference, diff_fingerprints
 from ._errors import (
     CheckpointError,
     DeterminismError,
@@ -7,6 +9,7 @@ from ._errors import (
     TorchreproError,
     TorchreproWarning,
 )
+from ._fingerprint import fingerprint
 from ._rng import get_rng_state, isolated_rng, set_rng_state
 from ._seed import derive_seed, seed_everything
 from ._version import __version__
@@ -14,11 +17,16 @@ from ._version import __version__
 __all__ = [
     "CheckpointError",
     "DeterminismError",
+    "DeterminismSettings",
+    "Difference",
     "RNGStateError",
     "TorchreproError",
     "TorchreproWarning",
     "__version__",
     "derive_seed",
+    "deterministic",
+    "diff_fingerprints",
+    "fingerprint",
     "get_rng_state",
     "isolated_rng",
     "seed_everything",

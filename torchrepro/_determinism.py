@@ -1,0 +1,227 @@
+"""The determinism switch: :func:`deterministic` and the settings it changed."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from ._errors import DeterminismError, TorchreproWarning
+
+__all__ = ["CUBLAS_WORKSPACE_CONFIG", "DeterminismSettings", "deterministic"]
+
+MODES = ("strict", "warn", "off")
+CUBLAS_VAR = "CUBLAS_WORKSPACE_CONFIG"
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+_Setting = tuple[Callable[[], Any], Callable[[Any], None]]
+
+
+def _set_env(value: str | None) -> None:
+    if value is None:
+        os.environ.pop(CUBLAS_VAR, None)
+    else:
+        os.environ[CUBLAS_VAR] = value
+
+
+def _has_fill() -> bool:
+    return hasattr(getattr(torch.utils, "deterministic", None), "fill_uninitialized_memory")
+
+
+def _set_fill(value: bool) -> None:
+    torch.utils.deterministic.fill_uninitialized_memory = value  # type: ignore[attr-defined]
+
+
+def _set_algorithms(value: tuple[bool, bool]) -> None:
+    torch.use_deterministic_algorithms(value[0], warn_only=value[1])
+
+
+def _set_cudnn_deterministic(value: bool) -> None:
+    torch.backends.cudnn.deterministic = value
+
+
+def _set_cudnn_benchmark(value: bool) -> None:
+    torch.backends.cudnn.benchmark = value
+
+
+def _has_mkldnn_flag() -> bool:
+    return hasattr(torch.backends.mkldnn, "deterministic")
+
+
+def _set_mkldnn_deterministic(value: bool) -> None:
+    torch.backends.mkldnn.deterministic = value  # type: ignore[attr-defined]
+
+
+def _set_matmul_tf32(value: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = value
+
+
+def _set_cudnn_tf32(value: bool) -> None:
+    torch.backends.cudnn.allow_tf32 = value
+
+
+_SETTINGS: dict[str, _Setting] = {
+    "deterministic_algorithms": (
+        lambda: (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+        _set_algorithms,
+    ),
+    "cudnn.deterministic": (lambda: torch.backends.cudnn.deterministic, _set_cudnn_deterministic),
+    "cudnn.benchmark": (lambda: torch.backends.cudnn.benchmark, _set_cudnn_benchmark),
+    "mkldnn.deterministic": (
+        lambda: torch.backends.mkldnn.deterministic if _has_mkldnn_flag() else None,  # type: ignore[attr-defined]
+        _set_mkldnn_deterministic,
+    ),
+    "env." + CUBLAS_VAR: (lambda: os.environ.get(CUBLAS_VAR), _set_env),
+    "fill_uninitialized_memory": (
+        lambda: torch.utils.deterministic.fill_uninitialized_memory if _has_fill() else None,  # type: ignore[attr-defined]
+        _set_fill,
+    ),
+    "cuda.matmul.allow_tf32": (lambda: torch.backends.cuda.matmul.allow_tf32, _set_matmul_tf32),
+    "cudnn.allow_tf32": (lambda: torch.backends.cudnn.allow_tf32, _set_cudnn_tf32),
+    "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+}
+
+
+@dataclass
+class DeterminismSettings:
+    """What :func:`deterministic` changed, and the means to undo it.
+
+    Attributes:
+        mode: the mode that was applied.
+        changed: ``{setting: (before, after)}`` for every setting whose value changed.
+
+    Use it as a context manager to restore every previous value on exit, also when the
+    block raises; or call :meth:`restore`.
+    """
+
+    mode: str
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    _restored: bool = field(default=False, repr=False)
+
+    def restore(self) -> None:
+        """Put back every setting this call changed (idempotent)."""
+        if self._restored:
+            return
+        for name, (before, _after) in reversed(list(self.changed.items())):
+            _SETTINGS[name][1](before)
+        self._restored = True
+
+    def __enter__(self) -> DeterminismSettings:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.restore()
+
+    def __str__(self) -> str:
+        if not self.changed:
+            return f"deterministic({self.mode!r}): nothing changed"
+        lines = [f"deterministic({self.mode!r}) changed:"]
+        lines += [f"  {name}: {before!r} -> {after!r}" for name, (before, after) in self.changed.items()]
+        return "\n".join(lines)
+
+
+def deterministic(
+    mode: str = "strict", *, fill_uninitialized_memory: bool = True, tf32: bool | None = None
+) -> DeterminismSettings:
+    """Switch PyTorch to deterministic algorithms, or back.
+
+    Modes:
+        ``"strict"``: ``torch.use_deterministic_algorithms(True)`` (an op without a
+        deterministic implementation raises), ``cudnn.deterministic = True``,
+        ``cudnn.benchmark = False``, ``mkldnn.deterministic = True`` (torch versions that
+        have it), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` when unset.
+        ``"warn"``: the same, but such ops warn instead of raising (``warn_only=True``).
+        ``"off"``: PyTorch's defaults (deterministic algorithms off, cuDNN
+        ``deterministic=False``, ``benchmark=False``); ``CUBLAS_WORKSPACE_CONFIG`` is left.
+
+    Side effects: the torch flags above; ``os.environ["CUBLAS_WORKSPACE_CONFIG"]``;
+    ``torch.utils.deterministic.fill_uninitialized_memory``; with ``tf32`` set, the TF32
+    flags for matmul and cuDNN and ``torch.set_float32_matmul_precision``.
+
+    Args:
+        mode: ``"strict"``, ``"warn"`` or ``"off"``.
+        fill_uninitialized_memory: fill ``torch.empty`` memory with NaN/max values while
+            deterministic algorithms are on, so reads of uninitialised memory are repeatable.
+        tf32: ``False`` turns TF32 off for matmul and cuDNN and sets float32 matmul
+            precision to ``"highest"``; ``True`` allows TF32 (precision ``"high"``);
+            ``None`` leaves them as they are.
+
+    Returns:
+        A :class:`DeterminismSettings` listing what changed; as a context manager it
+        restores everything on exit.
+
+    Raises:
+        ValueError: ``mode`` is not one of the valid modes.
+        TypeError: a flag is not a bool.
+        DeterminismError: (``"strict"``) CUDA is already initialised and
+            ``CUBLAS_WORKSPACE_CONFIG`` is unset, so cuBLAS would stay nondeterministic.
+
+    >>> import torch
+    >>> with deterministic("strict") as settings:
+    ...     torch.are_deterministic_algorithms_enabled()
+    True
+    >>> torch.are_deterministic_algorithms_enabled()
+    False
+    """
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
+    if not isinstance(fill_uninitialized_memory, bool):
+        raise TypeError(f"fill_uninitialized_memory must be a bool, got {fill_uninitialized_memory!r}")
+    if tf32 is not None and not isinstance(tf32, bool):
+        raise TypeError(f"tf32 must be True, False or None, got {tf32!r}")
+
+    wanted: dict[str, Any] = {}
+    if mode == "off":
+        wanted["deterministic_algorithms"] = (False, False)
+        wanted["cudnn.deterministic"] = False
+        wanted["cudnn.benchmark"] = False
+        if _has_mkldnn_flag():
+            wanted["mkldnn.deterministic"] = False
+    else:
+        wanted["deterministic_algorithms"] = (True, mode == "warn")
+        wanted["cudnn.deterministic"] = True
+        wanted["cudnn.benchmark"] = False
+        if _has_mkldnn_flag():
+            wanted["mkldnn.deterministic"] = True
+        if os.environ.get(CUBLAS_VAR) is None:
+            if torch.cuda.is_initialized():
+                message = (
+                    f"CUDA is already initialised, so setting {CUBLAS_VAR} now cannot make cuBLAS "
+                    "deterministic. Call torchrepro.deterministic() before any CUDA work, or launch "
+                    "with `torchrepro run -- python ...`, which sets it before Python starts."
+                )
+                if mode == "strict":
+                    raise DeterminismError(message)
+                warnings.warn(message, TorchreproWarning, stacklevel=2)
+            wanted["env." + CUBLAS_VAR] = CUBLAS_WORKSPACE_CONFIG
+    if _has_fill():
+        wanted["fill_uninitialized_memory"] = fill_uninitialized_memory
+    if tf32 is not None:
+        wanted["cuda.matmul.allow_tf32"] = tf32
+        wanted["cudnn.allow_tf32"] = tf32
+        wanted["float32_matmul_precision"] = "high" if tf32 else "highest"
+
+    settings = DeterminismSettings(mode)
+    try:
+        for name, value in wanted.items():
+            getter, setter = _SETTINGS[name]
+            before = getter()
+            if before != value:
+                setter(value)
+                settings.changed[name] = (before, value)
+    except BaseException:
+        settings.restore()
+        raise
+    return settings
+
+
+def current_settings() -> dict[str, Any]:
+    """The present value of every setting :func:`deterministic` manages (for fingerprints)."""
+    return {name: getter() for name, (getter, _setter) in _SETTINGS.items()}
