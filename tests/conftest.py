@@ -39,7 +39,9 @@ def _flags() -> dict[str, Any]:
 
 
 def _restore_flags(flags: dict[str, Any]) -> None:
-    torch.use_deterministic_algorithms(flags["deterministic_algorithms"], warn_only=flags["warn_only"])
+    torch.use_deterministic_algorithms(
+        flags["deterministic_algorithms"], warn_only=flags["warn_only"]
+    )
     torch.backends.cudnn.deterministic = flags["cudnn.deterministic"]
     torch.backends.cudnn.benchmark = flags["cudnn.benchmark"]
     torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
@@ -83,7 +85,9 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         os.environ.update(env)
     now = _flags()
     if now != flags:
-        leaks.append(f"torch flags changed: { {k: (flags[k], now[k]) for k in flags if flags[k] != now[k]} }")
+        leaks.append(
+            f"torch flags changed: { {k: (flags[k], now[k]) for k in flags if flags[k] != now[k]} }"
+        )
         _restore_flags(flags)
     state = _rng()
     same = (
@@ -93,7 +97,9 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         and torch.equal(state[2], rng[2])
     )
     if not same and not request.node.get_closest_marker("rng_changes"):
-        leaks.append("a global RNG (random, numpy or torch) was left changed; use torchrepro.isolated_rng()")
+        leaks.append(
+            "a global RNG (random, numpy or torch) was left changed; use torchrepro.isolated_rng()"
+        )
     random.setstate(rng[0])
     np.random.set_state(rng[1])
     torch.set_rng_state(rng[2])
@@ -110,7 +116,12 @@ def run_python(tmp_path: Path) -> Any:
     def run(code: str, env: dict[str, str] | None = None, check: bool = True) -> Any:
         full_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
         proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=300
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            cwd=tmp_path,
+            timeout=300,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr}")

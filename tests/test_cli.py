@@ -57,16 +57,27 @@ def test_run_sets_variables_and_passes_exit_code(monkeypatch):
         "print(os.environ['PYTHONHASHSEED'], os.environ['CUBLAS_WORKSPACE_CONFIG'], os.environ.get('TORCHREPRO_SEED')); "
         "sys.exit(7)"
     )
-    proc = subprocess.run([*CLI, "run", "--", sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*CLI, "run", "--", sys.executable, "-c", code], capture_output=True, text=True
+    )
     assert proc.returncode == 7
     assert proc.stdout.split() == ["0", ":4096:8", "None"]
-    proc = subprocess.run([*CLI, "run", "--seed", "5", "--", sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*CLI, "run", "--seed", "5", "--", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+    )
     assert proc.stdout.split() == ["5", ":4096:8", "5"]
 
 
 def test_run_fixes_str_hash_order():
     code = "print(hash('torchrepro'))"
-    runs = {subprocess.run([*CLI, "run", "--", sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)}
+    runs = {
+        subprocess.run(
+            [*CLI, "run", "--", sys.executable, "-c", code], capture_output=True, text=True
+        ).stdout
+        for _ in range(2)
+    }
     assert len(runs) == 1
 
 

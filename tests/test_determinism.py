@@ -73,9 +73,13 @@ def test_fill_uninitialized_memory_maps_to_torch_flag():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CPU op lacks a deterministic kernel")
 def test_strict_raises_on_a_nondeterministic_cuda_op():
     with deterministic("strict"), pytest.raises(RuntimeError, match="deterministic"):
-        torch.zeros(4, 4, device="cuda").index_add_(0, torch.tensor([0, 0], device="cuda"), torch.ones(2, 4, device="cuda"))
+        torch.zeros(4, 4, device="cuda").index_add_(
+            0, torch.tensor([0, 0], device="cuda"), torch.ones(2, 4, device="cuda")
+        )
     with deterministic("warn"), pytest.warns(UserWarning, match="deterministic"):
-        torch.zeros(4, 4, device="cuda").index_add_(0, torch.tensor([0, 0], device="cuda"), torch.ones(2, 4, device="cuda"))
+        torch.zeros(4, 4, device="cuda").index_add_(
+            0, torch.tensor([0, 0], device="cuda"), torch.ones(2, 4, device="cuda")
+        )
 
 
 @pytest.mark.parametrize("mode", ["on", "Strict", "", None, 1])
@@ -85,18 +89,21 @@ def test_bad_mode_lists_valid_ones(mode):
 
 
 def test_bad_flags_rejected():
-    with pytest.raises(TypeError, match="fill_uninitialized_memory must be a bool"):
+    with pytest.raises(TypeError, match=r"fill_uninitialized_memory must be a bool"):
         deterministic(fill_uninitialized_memory=1)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="tf32 must be True, False or None"):
+    with pytest.raises(TypeError, match=r"tf32 must be True, False or None"):
         deterministic(tf32="no")  # type: ignore[arg-type]
 
 
 def test_cuda_already_initialised(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    with pytest.raises(DeterminismError, match="before any CUDA work.*torchrepro run"):
+    with pytest.raises(DeterminismError, match=r"before any CUDA work.*torchrepro run"):
         deterministic("strict")
     assert not torch.are_deterministic_algorithms_enabled()  # nothing half-applied
-    with pytest.warns(TorchreproWarning, match="CUDA is already initialised"), deterministic("warn"):
+    with (
+        pytest.warns(TorchreproWarning, match="CUDA is already initialised"),
+        deterministic("warn"),
+    ):
         pass
 
 

@@ -9,7 +9,18 @@ from torchrepro import diff_fingerprints, fingerprint
 
 def test_fingerprint_is_json_and_has_the_sections():
     fp = json.loads(json.dumps(fingerprint()))
-    for key in ("python", "os", "cpu", "torch", "gpus", "threads", "determinism", "env", "packages", "git"):
+    for key in (
+        "python",
+        "os",
+        "cpu",
+        "torch",
+        "gpus",
+        "threads",
+        "determinism",
+        "env",
+        "packages",
+        "git",
+    ):
         assert key in fp
     assert fp["torch"]["version"] == torch.__version__
     assert fp["threads"]["torch_intra_op"] == torch.get_num_threads()
@@ -34,7 +45,9 @@ def test_git_commit_of_a_repository(tmp_path, monkeypatch):
     (tmp_path / "f").write_text("x")
     subprocess.run(["git", "add", "f"], cwd=tmp_path, check=True)
     subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m"], cwd=tmp_path, check=True
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m"],
+        cwd=tmp_path,
+        check=True,
     )
     monkeypatch.chdir(tmp_path)
     clean = fingerprint()["git"]

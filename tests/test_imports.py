@@ -12,7 +12,9 @@ def test_import_pulls_no_optional_package():
     )
     # torch itself may import numpy when it is installed; block it to see torchrepro's own imports.
     blocker = "import sys; sys.modules['numpy'] = None\n"
-    out = subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", blocker + code], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == ""
 
 
@@ -25,7 +27,9 @@ def test_works_without_numpy():
         "torchrepro.seed_everything(3); assert random.random() == a\n"
         "torchrepro.set_rng_state(s)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONHASHSEED": "0", "PATH": ""})
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={"PYTHONHASHSEED": "0", "PATH": ""}
+    )
 
 
 def test_layers_import_only_downward():
@@ -35,7 +39,16 @@ def test_layers_import_only_downward():
 
     package = Path(__file__).resolve().parent.parent / "torchrepro"
     core = {"_seed", "_rng", "_determinism", "_envdiff", "_errors", "_envvars", "_dist", "_version"}
-    upper = ("data", "_checkpoint", "_trace", "_audit", "_compare", "_check", "_cli", "_fingerprint")
+    upper = (
+        "data",
+        "_checkpoint",
+        "_trace",
+        "_audit",
+        "_compare",
+        "_check",
+        "_cli",
+        "_fingerprint",
+    )
     for name in core:
         tree = ast.parse((package / f"{name}.py").read_text())
         for node in ast.walk(tree):

@@ -47,8 +47,16 @@ print(json.dumps([random.random(), float(np.random.random()), torch.rand(3).toli
 """
     saved = run_python(code.replace('sys.argv[-1] == "save"', "True")).stdout
     # A process that saved nothing draws from the seed; a restored one must repeat the saver.
-    run_python(code.replace('sys.argv[-1] == "save"', "False").replace("seed_everything(11)", "seed_everything(12)"))
-    restored = run_python(code.replace('sys.argv[-1] == "save"', "False").replace("seed_everything(11)", "seed_everything(12)")).stdout
+    run_python(
+        code.replace('sys.argv[-1] == "save"', "False").replace(
+            "seed_everything(11)", "seed_everything(12)"
+        )
+    )
+    restored = run_python(
+        code.replace('sys.argv[-1] == "save"', "False").replace(
+            "seed_everything(11)", "seed_everything(12)"
+        )
+    ).stdout
     assert json.loads(saved) == json.loads(restored)
 
 
@@ -67,7 +75,9 @@ def test_foreign_device_state_strict_raises_non_strict_warns():
     with isolated_rng():
         state = get_rng_state()
         state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)]
-        with pytest.raises(RNGStateError, match=r"2 CUDA device state\(s\), this machine has 0.*strict=False"):
+        with pytest.raises(
+            RNGStateError, match=r"2 CUDA device state\(s\), this machine has 0.*strict=False"
+        ):
             set_rng_state(state)
         first = _draws()
         with pytest.warns(TorchreproWarning, match="other devices"):

@@ -22,6 +22,7 @@ def _seed_env(monkeypatch):
     monkeypatch.setenv("TORCHREPRO_SEED", "0")  # records the original value for undo
     monkeypatch.delenv("TORCHREPRO_SEED")
 
+
 DRAWS = """
 import json, random, sys
 import numpy as np, torch, torchrepro
@@ -83,7 +84,9 @@ def test_bad_seeds_rejected(seed, error, match):
 @pytest.mark.parametrize("value", ["abc", "-1", "18446744073709551616", "1.5"])
 def test_bad_env_seed_names_the_variable(monkeypatch, value):
     monkeypatch.setenv("TORCHREPRO_SEED", value)
-    with pytest.raises(ValueError, match=r"environment variable TORCHREPRO_SEED must be an integer"):
+    with pytest.raises(
+        ValueError, match=r"environment variable TORCHREPRO_SEED must be an integer"
+    ):
         seed_everything()
 
 

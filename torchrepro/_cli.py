@@ -25,7 +25,9 @@ def _seed_arg(text: str) -> int:
     try:
         value = int(text, 10)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64 - 1], got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in [0, 2**64 - 1], got {text!r}"
+        ) from None
     if not 0 <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64 - 1], got {text!r}")
     return value
@@ -57,7 +59,9 @@ def _load_json(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         parser.error(f"cannot read fingerprint {path!r}: {exc}")
     if not isinstance(data, dict):
-        parser.error(f"{path!r} is not a fingerprint (expected a JSON object from `torchrepro env --json`)")
+        parser.error(
+            f"{path!r} is not a fingerprint (expected a JSON object from `torchrepro env --json`)"
+        )
     return data
 
 
@@ -129,7 +133,8 @@ def _cmd_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``torchrepro`` command."""
     parser = argparse.ArgumentParser(
-        prog="torchrepro", description="Bitwise-reproducible PyTorch training, and the tools that prove it."
+        prog="torchrepro",
+        description="Bitwise-reproducible PyTorch training, and the tools that prove it.",
     )
     parser.add_argument("--version", action="version", version=f"torchrepro {__version__}")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
@@ -137,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="print this machine's environment fingerprint, or diff two")
     env.add_argument("--json", action="store_true", help="print JSON (save it to diff later)")
-    env.add_argument("--diff", nargs=2, metavar=("A.json", "B.json"), help="compare two saved fingerprints")
+    env.add_argument(
+        "--diff", nargs=2, metavar=("A.json", "B.json"), help="compare two saved fingerprints"
+    )
     env.set_defaults(func=_cmd_env, parser=env)
 
     run = sub.add_parser(

@@ -54,7 +54,7 @@ def _has_mkldnn_flag() -> bool:
 
 
 def _set_mkldnn_deterministic(value: bool) -> None:
-    torch.backends.mkldnn.deterministic = value  # type: ignore[attr-defined]
+    torch.backends.mkldnn.deterministic = value  # type: ignore[attr-defined,assignment]
 
 
 def _set_matmul_tf32(value: bool) -> None:
@@ -67,7 +67,10 @@ def _set_cudnn_tf32(value: bool) -> None:
 
 _SETTINGS: dict[str, _Setting] = {
     "deterministic_algorithms": (
-        lambda: (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+        lambda: (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
         _set_algorithms,
     ),
     "cudnn.deterministic": (lambda: torch.backends.cudnn.deterministic, _set_cudnn_deterministic),
@@ -83,7 +86,10 @@ _SETTINGS: dict[str, _Setting] = {
     ),
     "cuda.matmul.allow_tf32": (lambda: torch.backends.cuda.matmul.allow_tf32, _set_matmul_tf32),
     "cudnn.allow_tf32": (lambda: torch.backends.cudnn.allow_tf32, _set_cudnn_tf32),
-    "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    "float32_matmul_precision": (
+        torch.get_float32_matmul_precision,
+        torch.set_float32_matmul_precision,
+    ),
 }
 
 
@@ -115,7 +121,10 @@ class DeterminismSettings:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.restore()
 
@@ -123,7 +132,9 @@ class DeterminismSettings:
         if not self.changed:
             return f"deterministic({self.mode!r}): nothing changed"
         lines = [f"deterministic({self.mode!r}) changed:"]
-        lines += [f"  {name}: {before!r} -> {after!r}" for name, (before, after) in self.changed.items()]
+        lines += [
+            f"  {name}: {before!r} -> {after!r}" for name, (before, after) in self.changed.items()
+        ]
         return "\n".join(lines)
 
 
@@ -173,7 +184,9 @@ def deterministic(
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
     if not isinstance(fill_uninitialized_memory, bool):
-        raise TypeError(f"fill_uninitialized_memory must be a bool, got {fill_uninitialized_memory!r}")
+        raise TypeError(
+            f"fill_uninitialized_memory must be a bool, got {fill_uninitialized_memory!r}"
+        )
     if tf32 is not None and not isinstance(tf32, bool):
         raise TypeError(f"tf32 must be True, False or None, got {tf32!r}")
 

@@ -44,10 +44,22 @@ _RULES: tuple[tuple[str, int, str], ...] = (
     ("torch.cudnn", 3, "cuDNN versions differ: convolution algorithms can differ"),
     ("gpus", 4, "GPU models or counts differ: kernels, SM counts and reduction order differ"),
     ("determinism", 5, "determinism settings differ: nondeterministic kernels may be allowed"),
-    ("env.CUBLAS_WORKSPACE_CONFIG", 5, "cuBLAS workspace config differs: needed for deterministic cuBLAS"),
-    ("env.PYTHONHASHSEED", 6, "str hashing differs: set and dict iteration order of strings changes"),
+    (
+        "env.CUBLAS_WORKSPACE_CONFIG",
+        5,
+        "cuBLAS workspace config differs: needed for deterministic cuBLAS",
+    ),
+    (
+        "env.PYTHONHASHSEED",
+        6,
+        "str hashing differs: set and dict iteration order of strings changes",
+    ),
     ("env.TORCHREPRO_SEED", 6, "the seed differs"),
-    ("env.TORCHREPRO_NUM_WORKERS", 12, "num_workers differs (torchrepro.DataLoader is invariant to it)"),
+    (
+        "env.TORCHREPRO_NUM_WORKERS",
+        12,
+        "num_workers differs (torchrepro.DataLoader is invariant to it)",
+    ),
     ("torch.nccl", 7, "NCCL versions differ: all-reduce summation order can differ"),
     ("env.NCCL_", 7, "NCCL algorithm/protocol selection changes all-reduce summation order"),
     ("env.NVIDIA_TF32_OVERRIDE", 5, "TF32 override changes float32 matmul rounding"),
@@ -70,7 +82,10 @@ _RULES: tuple[tuple[str, int, str], ...] = (
 
 _HARMLESS: tuple[tuple[str, str], ...] = (
     ("env.CUDA_LAUNCH_BLOCKING", "changes timing and error reporting, not results"),
-    ("env.CUDA_VISIBLE_DEVICES", "which devices are visible; the GPU models are compared separately"),
+    (
+        "env.CUDA_VISIBLE_DEVICES",
+        "which devices are visible; the GPU models are compared separately",
+    ),
     ("driver", "driver versions rarely change results; compared for completeness"),
     ("hostname", "a different machine name"),
     ("os.release", "kernel release"),

@@ -101,7 +101,12 @@ def _packages() -> dict[str, str]:
 def _git(cwd: str) -> dict[str, Any] | None:
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
         if commit.returncode != 0:
             return None
@@ -191,8 +196,15 @@ def fingerprint() -> dict[str, Any]:
     settings = {name: _jsonable(value) for name, value in current_settings().items()}
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
-        "python": {"version": platform.python_version(), "implementation": platform.python_implementation()},
-        "os": {"system": platform.system(), "release": platform.release(), "machine": platform.machine()},
+        "python": {
+            "version": platform.python_version(),
+            "implementation": platform.python_implementation(),
+        },
+        "os": {
+            "system": platform.system(),
+            "release": platform.release(),
+            "machine": platform.machine(),
+        },
         "hostname": platform.node(),
         "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count()},
         "torch": {

@@ -93,13 +93,17 @@ def get_rng_state() -> dict[str, Any]:
 
 def _check_tensor(value: object, where: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-        raise RNGStateError(f"RNG state entry {where!r} must be a uint8 tensor, got {type(value).__name__}")
+        raise RNGStateError(
+            f"RNG state entry {where!r} must be a uint8 tensor, got {type(value).__name__}"
+        )
     return value
 
 
 def _validate(state: object) -> dict[str, Any]:
     if not isinstance(state, dict):
-        raise TypeError(f"state must be a dict from torchrepro.get_rng_state(), got {type(state).__name__}")
+        raise TypeError(
+            f"state must be a dict from torchrepro.get_rng_state(), got {type(state).__name__}"
+        )
     version = state.get("version")
     if version != RNG_STATE_VERSION:
         raise RNGStateError(
@@ -110,7 +114,11 @@ def _validate(state: object) -> dict[str, Any]:
     if unknown:
         raise RNGStateError(f"RNG state has unknown keys {sorted(unknown)}")
     python = state.get("python")
-    if not (isinstance(python, (list, tuple)) and len(python) == 3 and isinstance(python[1], (list, tuple))):
+    if not (
+        isinstance(python, (list, tuple))
+        and len(python) == 3
+        and isinstance(python[1], (list, tuple))
+    ):
         raise RNGStateError("RNG state entry 'python' must be [version, [625 ints], gauss]")
     _check_tensor(state.get("torch"), "torch")
     for key in ("cuda", "xpu"):
@@ -150,7 +158,9 @@ def set_rng_state(state: dict[str, Any], *, strict: bool = True) -> None:
     n_xpu = torch.xpu.device_count() if _xpu_available() else 0
     problems = []
     if len(cuda_states) != n_cuda:
-        problems.append(f"it holds {len(cuda_states)} CUDA device state(s), this machine has {n_cuda}")
+        problems.append(
+            f"it holds {len(cuda_states)} CUDA device state(s), this machine has {n_cuda}"
+        )
     if len(xpu_states) != n_xpu:
         problems.append(f"it holds {len(xpu_states)} XPU device state(s), this machine has {n_xpu}")
     if (state.get("mps") is not None) != _mps_available():

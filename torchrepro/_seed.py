@@ -41,7 +41,9 @@ def validate_seed(seed: object, name: str = "seed") -> int:
         ValueError: ``seed`` is out of range.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{name} must be an int in [0, 2**64 - 1], got {type(seed).__name__} {seed!r}")
+        raise TypeError(
+            f"{name} must be an int in [0, 2**64 - 1], got {type(seed).__name__} {seed!r}"
+        )
     if not 0 <= seed <= SEED_MAX:
         raise ValueError(f"{name} must be an int in [0, 2**64 - 1], got {seed}")
     return seed
@@ -60,9 +62,7 @@ def _encode(path: tuple[int | str, ...]) -> bytes:
 
 def derive_words(seed: int, *path: int | str, words: int = 1) -> tuple[int, ...]:
     """``words`` independent 64-bit values for ``(seed, *path)``, from one BLAKE2b call."""
-    digest = hashlib.blake2b(
-        _encode((seed, *path)), digest_size=8 * words, person=_PERSON
-    ).digest()
+    digest = hashlib.blake2b(_encode((seed, *path)), digest_size=8 * words, person=_PERSON).digest()
     return tuple(int.from_bytes(digest[8 * k : 8 * k + 8], "little") for k in range(words))
 
 
@@ -116,12 +116,10 @@ def _warn_if_hash_seed_random() -> None:
 
 
 def _seed_numpy(value: int) -> None:
-    np = sys.modules.get("numpy")
-    if np is None:
-        try:
-            import numpy as np
-        except ImportError:
-            return
+    try:
+        import numpy as np  # optional; imported here so `import torchrepro` stays light
+    except ImportError:
+        return
     # Two 32-bit words: the legacy MT19937 seeding keeps all 64 bits this way.
     np.random.seed([value & 0xFFFFFFFF, value >> 32])
 
@@ -161,7 +159,11 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
         seed = _seed_from_env()
         if seed is None:
             seed = secrets.randbits(32)
-            log.info("torchrepro: no seed given; drew seed %d (set TORCHREPRO_SEED=%d to repeat)", seed, seed)
+            log.info(
+                "torchrepro: no seed given; drew seed %d (set TORCHREPRO_SEED=%d to repeat)",
+                seed,
+                seed,
+            )
     validate_seed(seed)
     os.environ[_envvars.SEED] = str(seed)
     path: tuple[int | str, ...] = ("rank", _dist.rank()) if per_rank else ()
