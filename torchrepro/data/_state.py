@@ -49,8 +49,8 @@ def check_int(state: Mapping[str, Any], key: str, low: int = 0, high: int | None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"loader state {key!r} must be an int, got {_type_name(value)} {value!r}")
     if value < low or (high is not None and value > high):
-        upper = "" if high is None else f", {high}"
-        raise ValueError(f"loader state {key!r} must be an int in [{low}{upper}], got {value}")
+        expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"loader state {key!r} must be {expected}, got {value}")
     return value
 
 
