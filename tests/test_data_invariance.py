@@ -15,6 +15,7 @@ import torchrepro
 from torchrepro.data import DataLoader, sample_seed
 
 N, BATCH = 10, 3
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 
 
 class Augmented(Dataset[dict[str, Any]]):
@@ -51,9 +52,9 @@ def _epochs(loader: DataLoader, epochs: int = 2) -> list[list[dict[str, Any]]]:
 
 def _assert_same(a: list[list[dict[str, Any]]], b: list[list[dict[str, Any]]]) -> None:
     assert len(a) == len(b)
-    for epoch_a, epoch_b in zip(a, b):
+    for epoch_a, epoch_b in zip(a, b, strict=True):
         assert len(epoch_a) == len(epoch_b)
-        for batch_a, batch_b in zip(epoch_a, epoch_b):
+        for batch_a, batch_b in zip(epoch_a, epoch_b, strict=True):
             assert batch_a.keys() == batch_b.keys()
             for key in batch_a:
                 assert torch.equal(batch_a[key], batch_b[key]), key
@@ -196,7 +197,7 @@ def test_main_process_rng_untouched(workers: int) -> None:
     without = _training_draws(None)
     loader = DataLoader(Augmented(), batch_size=BATCH, shuffle=True, seed=3, num_workers=workers)
     with_loader = _training_draws(loader)
-    for (py_a, np_a, t_a), (py_b, np_b, t_b) in zip(without, with_loader):
+    for (py_a, np_a, t_a), (py_b, np_b, t_b) in zip(without, with_loader, strict=True):
         assert py_a == py_b
         assert np_a == np_b
         assert torch.equal(t_a, t_b)

@@ -58,7 +58,7 @@ def _assert_batches_equal(
     a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]
 ) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x["index"], y["index"])
         assert torch.equal(x["noise"], y["noise"])
 
@@ -197,7 +197,7 @@ def test_world_size_change_needs_strict_false() -> None:
     position=st.integers(0, 50),
     epoch=st.integers(0, 3),
 )
-def test_state_round_trip(
+def test_state_round_trip(  # noqa: PLR0917 (hypothesis passes the drawn values)
     n: int, batch: int, drop_last: bool, shuffle: bool, position: int, epoch: int
 ) -> None:
     def make() -> DataLoader:
