@@ -81,8 +81,11 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
 
     With an ``IterableDataset``, item ``k`` of worker ``w`` is seeded from
     ``(seed, epoch, w, k)``: reproducible for a fixed ``num_workers`` only (invariance to
-    ``num_workers`` needs a map-style dataset), each ``iter()`` starts a new epoch, and
-    ``persistent_workers`` is refused (the epoch cannot reach persistent workers).
+    ``num_workers`` needs a map-style dataset). The epoch advances when an iteration
+    runs to its end; after a break-off, the next ``iter()`` (which re-iterates the
+    dataset) continues the item count with ``num_workers=0`` and restarts the workers'
+    counts otherwise. ``persistent_workers`` is refused: the epoch cannot reach
+    persistent workers.
 
     Side effects: none on global state. Reads ``TORCHREPRO_SEED`` (when ``seed`` is None)
     and ``TORCHREPRO_NUM_WORKERS`` (which, when set, replaces ``num_workers``; setting 0
@@ -106,12 +109,13 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
             persistent workers with an IterableDataset.
         TypeError: ``seed`` is not an int.
 
-    >>> import torch, torchrepro
+    >>> import torch
+    >>> from torchrepro.data import DataLoader
     >>> class Noisy(torch.utils.data.Dataset):
     ...     def __len__(self): return 4
     ...     def __getitem__(self, i): return torch.rand(())
-    >>> a = torch.cat(list(torchrepro.DataLoader(Noisy(), batch_size=2, seed=1)))
-    >>> b = torch.cat(list(torchrepro.DataLoader(Noisy(), batch_size=2, seed=1)))
+    >>> a = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1)))
+    >>> b = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1)))
     >>> bool(torch.equal(a, b))
     True
     """
@@ -143,8 +147,6 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
         self._repro_epoch = 0
         self._repro_batch = 0  # map-style: batches of the epoch the caller received
         self._repro_items = 0  # iterable: items of the epoch the caller received
-        self._repro_started = False  # iterable: an iter() of _repro_epoch was made
-        self._repro_resume = False  # iterable: the next iter() continues a loaded state
         self._repro_iterable = isinstance(dataset, IterableDataset)
         sampler: KeySampler | None = None
         self._repro_wrapper: MapWrapper | IterableWrapper
@@ -224,8 +226,6 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
     @property
     def epoch(self) -> int:
         """The epoch the next iteration produces, or continues."""
-        if self._repro_iterable and self._repro_started and not self._repro_resume:
-            return self._repro_epoch + 1
         return self._repro_epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -237,8 +237,8 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
         Raises:
             TypeError, ValueError: ``epoch`` is not an int >= 0.
 
-        >>> import torchrepro
-        >>> loader = torchrepro.DataLoader(list(range(4)), batch_size=2, shuffle=True, seed=0)
+        >>> from torchrepro.data import DataLoader
+        >>> loader = DataLoader(list(range(4)), batch_size=2, shuffle=True, seed=0)
         >>> loader.set_epoch(3); loader.epoch
         3
         """
@@ -248,16 +248,14 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
             raise ValueError(f"epoch must be an int >= 0, got {epoch}")
         self._repro_gen += 1
         self._repro_epoch, self._repro_batch, self._repro_items = epoch, 0, 0
-        self._repro_started = self._repro_resume = False
 
     def __iter__(self) -> _LoaderIter:  # type: ignore[override]
         self._repro_gen += 1
         if self._repro_iterable:
-            if self._repro_started and not self._repro_resume:
-                self._repro_epoch, self._repro_items = self._repro_epoch + 1, 0
-            self._repro_started, self._repro_resume = True, False
             wrapper = cast(IterableWrapper, self._repro_wrapper)
-            wrapper.epoch, wrapper.start_item = self._repro_epoch, self._repro_items
+            # Items in flight in workers cannot be accounted for: their counts restart.
+            start = self._repro_items if self.num_workers == 0 else 0
+            wrapper.epoch, wrapper.start_item = self._repro_epoch, start
             remaining = -1
         else:
             sampler = cast(KeySampler, self.sampler)
@@ -283,7 +281,6 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
             return
         if self._repro_iterable:
             self._repro_epoch, self._repro_items = self._repro_epoch + 1, 0
-            self._repro_started = False
         elif empty and self._repro_batch == 0:  # an empty epoch still counts as one
             self._repro_epoch += 1
 
@@ -303,8 +300,8 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
                 items in flight in workers cannot be accounted for), or it has no
                 ``state_dict``/``load_state_dict`` of its own.
 
-        >>> import torchrepro
-        >>> loader = torchrepro.DataLoader(list(range(10)), batch_size=4, seed=0)
+        >>> from torchrepro.data import DataLoader
+        >>> loader = DataLoader(list(range(10)), batch_size=4, seed=0)
         >>> it = iter(loader); _ = next(it)
         >>> state = loader.state_dict(); state["epoch"], state["batches_received"]
         (0, 1)
@@ -319,10 +316,11 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
                 batch_size=self.batch_size,
             )
         self._check_iterable_resumable()
-        epoch = self.epoch
-        items = self._repro_items if epoch == self._repro_epoch else 0
         return _state.iterable_state(
-            seed=self._repro_seed, epoch=epoch, items=items, dataset=self._repro_user_dataset
+            seed=self._repro_seed,
+            epoch=self._repro_epoch,
+            items=self._repro_items,
+            dataset=self._repro_user_dataset,
         )
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
@@ -344,10 +342,11 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
                 (``strict``) world size.
             TorchreproError: see :meth:`state_dict` for IterableDatasets.
 
-        >>> import torchrepro
-        >>> loader = torchrepro.DataLoader(list(range(10)), batch_size=4, seed=0)
-        >>> state = loader.state_dict(); state["batches_received"] = 2
-        >>> loader.load_state_dict(state); [b.tolist() for b in loader]
+        >>> from torchrepro.data import DataLoader
+        >>> loader = DataLoader(list(range(10)), batch_size=4, seed=0)
+        >>> it = iter(loader); _ = next(it); _ = next(it)
+        >>> resumed = DataLoader(list(range(10)), batch_size=4, seed=0)
+        >>> resumed.load_state_dict(loader.state_dict()); [b.tolist() for b in resumed]
         [[8, 9]]
         """
         if self._repro_iterable:
@@ -356,7 +355,7 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
                 state, seed=self._repro_seed, dataset=self._repro_user_dataset
             )
             self.set_epoch(epoch)
-            self._repro_items, self._repro_resume = items, True
+            self._repro_items = items
             return
         epoch, batches = _state.load_map(
             state,

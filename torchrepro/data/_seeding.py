@@ -56,11 +56,12 @@ def sample_seed() -> int:
     Raises:
         TorchreproError: called outside a sample load of a torchrepro DataLoader.
 
-    >>> import torch, torchrepro
+    >>> import torch
+    >>> from torchrepro.data import DataLoader, sample_seed
     >>> class Data(torch.utils.data.Dataset):
     ...     def __len__(self): return 2
-    ...     def __getitem__(self, i): return torchrepro.sample_seed()
-    >>> seeds = [int(s) for s in torchrepro.DataLoader(Data(), seed=0)]
+    ...     def __getitem__(self, i): return sample_seed()
+    >>> seeds = list(DataLoader(Data(), batch_size=None, seed=0))
     >>> len(set(seeds)) == 2 and all(0 <= s < 2**64 for s in seeds)
     True
     """
