@@ -1,0 +1,238 @@
+"""Comparing traces: identical, a one-ulp nudge, later steps, different lengths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchrepro._compare import Comparison, TraceData, TraceError, compare_traces, read_trace
+from torchrepro._rng import isolated_rng
+from torchrepro._trace import Trace
+
+
+def _train(path: Path, *, steps: int = 12, nudge_at: int | None = None, every: int = 1) -> None:
+    """A tiny deterministic training loop; optionally nudge one weight by one ulp."""
+    g = torch.Generator().manual_seed(0)
+    with isolated_rng():  # default initialisation draws from the global RNG
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+    trace = Trace(path, every=every)
+    for step in range(1, steps + 1):
+        if step == nudge_at:
+            with torch.no_grad():
+                w = model[2].weight
+                w[0, 3] = torch.nextafter(w[0, 3], torch.tensor(float("inf")))
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        trace.step(loss=loss, model=model)
+
+
+def test_identical_runs(tmp_path: Path) -> None:
+    _train(tmp_path / "a")
+    _train(tmp_path / "b")
+    result = compare_traces(tmp_path / "a", tmp_path / "b")
+    assert result.identical
+    assert (result.steps_compared, result.first_step, result.entries, result.notes) == (
+        12,
+        None,
+        [],
+        [],
+    )
+    assert result.verdict == 'IDENTICAL: 12 traced steps bitwise identical (run "run 2" vs "run 1")'
+
+
+def test_one_ulp_nudge_is_found_at_its_step_and_named(tmp_path: Path) -> None:
+    _train(tmp_path / "a")
+    _train(tmp_path / "b", nudge_at=7)
+    result = compare_traces(tmp_path / "a", tmp_path / "b", names=("run 1", "nudged"))
+    assert not result.identical
+    assert result.first_step == 7
+    # the nudge happens before step 7's forward, so the loss may differ too; the weight
+    # is named first among parameters, in recording order
+    kinds = [(e.kind, e.name) for e in result.entries]
+    params = [k for k in kinds if k[0] == "param"]
+    assert params[0] == ("param", "2.weight")
+    assert kinds[0] in {("loss", "loss"), ("param", "2.weight")}
+    assert result.later_differing_steps == 5
+    assert result.verdict == 'DIVERGED at step 7 (run "nudged" vs "run 1")'
+    text = result.format()
+    assert text.splitlines()[0] == result.verdict
+    assert "param 2.weight: norm" in text
+    assert "5 later compared steps also differ" in text
+    json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_nudge_after_the_loss_names_the_parameter_first(tmp_path: Path) -> None:
+    header = {"format": "torchrepro-trace", "version": 1}
+    loss = {
+        "name": "loss",
+        "kind": "loss",
+        "checksum": "aa",
+        "bits": "0x3f800000",
+        "value": 1.0,
+        "norm": 1.0,
+    }
+
+    def param(checksum: str, norm: float) -> dict[str, object]:
+        return {
+            "name": "fc.weight",
+            "kind": "param",
+            "checksum": checksum,
+            "norm": norm,
+            "dtype": "float32",
+        }
+
+    a = TraceData(
+        "a", header, [{"step": s, "entries": [loss, param("01", 2.0)]} for s in range(1, 10)]
+    )
+    b = TraceData(
+        "b",
+        header,
+        [{"step": s, "entries": [loss, param("01" if s < 7 else "02", 2.0)]} for s in range(1, 10)],
+    )
+    result = compare_traces(a, b)
+    assert result.first_step == 7
+    assert [(e.kind, e.name) for e in result.entries] == [("param", "fc.weight")]
+    entry = result.entries[0]
+    assert (entry.reference_checksum, entry.other_checksum, entry.difference) == ("01", "02", 0.0)
+    assert "(equal; bits differ)" in entry.format()
+    assert result.later_differing_steps == 2
+
+
+def test_shorter_trace_is_a_mismatch(tmp_path: Path) -> None:
+    _train(tmp_path / "a", steps=12)
+    _train(tmp_path / "b", steps=9)
+    result = compare_traces(tmp_path / "a", tmp_path / "b")
+    assert not result.identical
+    assert (result.first_step, result.steps_compared, result.entries) == (10, 9, [])
+    assert result.notes == [
+        'run "run 2" lacks 3 traced step(s) that the other has (steps 10-12); it traced 9 step(s)'
+    ]
+    assert result.to_dict()["first_step"] == 10
+
+
+def test_every_mismatch_is_noted(tmp_path: Path) -> None:
+    _train(tmp_path / "a", steps=4)
+    _train(tmp_path / "b", steps=4, every=2)
+    result = compare_traces(tmp_path / "a", tmp_path / "b")
+    assert result.first_step == 1
+    assert any("different every: 1 vs 2" in n for n in result.notes)
+
+
+def test_missing_entries_and_none_grads() -> None:
+    header = {"format": "torchrepro-trace", "version": 1}
+    a = TraceData(
+        "a",
+        header,
+        [{"step": 1, "entries": [{"name": "w", "kind": "grad", "checksum": "01", "norm": 1.0}]}],
+    )
+    b = TraceData(
+        "b",
+        header,
+        [
+            {
+                "step": 1,
+                "entries": [
+                    {"name": "w", "kind": "grad", "checksum": None},
+                    {"name": "x", "kind": "tensor", "checksum": "02", "norm": 3.0},
+                ],
+            }
+        ],
+    )
+    result = compare_traces(a, b, names=("ref", "oth"))
+    notes = [e.note for e in result.entries]
+    assert notes == ['grad is None in run "oth"', 'only in run "oth"']
+
+
+def test_torn_line_is_noted_not_fatal(tmp_path: Path) -> None:
+    _train(tmp_path / "a", steps=3)
+    _train(tmp_path / "b", steps=3)
+    with open(tmp_path / "b", "a") as f:
+        f.write('{"step": 4, "ent')
+    result = compare_traces(tmp_path / "a", tmp_path / "b")
+    assert result.identical
+    assert result.notes == [
+        'run "run 2": a torn last trace line was ignored (the run stopped mid-write)'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("", r"is empty; the run recorded no traced step"),
+        ('{"format": "other"}\n', r"is not a torchrepro trace"),
+        ("hello\n", r"is not a torchrepro trace"),
+        (
+            '{"format": "torchrepro-trace", "version": 9}\n',
+            r"of version 9; this torchrepro reads version 1",
+        ),
+        (
+            '{"format": "torchrepro-trace", "version": 1}\nxx\n{"step": 2, "entries": []}\n',
+            r"line 2: corrupted trace line",
+        ),
+        (
+            '{"format": "torchrepro-trace", "version": 1}\n{"step": "1"}\n',
+            r"line 2: not a trace record",
+        ),
+    ],
+)
+def test_bad_files(tmp_path: Path, content: str, match: str) -> None:
+    path = tmp_path / "t"
+    path.write_text(content)
+    with pytest.raises(TraceError, match=match):
+        read_trace(path)
+
+
+def test_missing_file_and_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(
+        TraceError, match=r"does not exist; did the run create a torchrepro\.Trace\?"
+    ):
+        read_trace(tmp_path / "nope")
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got int"):
+        read_trace(3)  # type: ignore[arg-type]
+    header = {"format": "torchrepro-trace", "version": 1}
+    empty = TraceData("a", header, [])
+    with pytest.raises(TypeError, match=r"names must be a tuple of two str"):
+        compare_traces(empty, empty, names=["a", "b"])  # type: ignore[arg-type]
+
+
+def test_comparison_format_truncates_entries() -> None:
+    from torchrepro._compare import EntryDiff
+
+    entries = [
+        EntryDiff(f"p{i}", "param", "norm", 1.0, float("inf"), float("inf"), "01", "02")
+        for i in range(5)
+    ]
+    result = Comparison(("a", "b"), False, 3, 3, 3, 2, entries, 1, ["n"])
+    lines = result.format(max_entries=2).splitlines()
+    assert lines == [
+        'DIVERGED at step 2 (run "b" vs "a")',
+        "  param p0: norm 1.0 vs inf (diff +inf)",
+        "  param p1: norm 1.0 vs inf (diff +inf)",
+        "  ... and 3 more differing entries at step 2",
+        "  1 later compared step also differ",
+        "  note: n",
+    ]
+    assert str(result) == result.format()
+    assert (
+        json.loads(json.dumps(result.to_dict(), allow_nan=False))["entries"][0]["other_value"]
+        == "inf"
+    )
+
+
+def test_garbled_last_line_with_newline_counts_as_torn(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    path.write_text(
+        '{"format": "torchrepro-trace", "version": 1}\n{"step": 1, "entries": []}\n\0\0\0\n'
+    )
+    data = read_trace(path)
+    assert (data.steps, data.torn) == ([1], True)

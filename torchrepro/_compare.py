@@ -1,0 +1,488 @@
+"""Reading traces written by :class:`torchrepro.Trace`, and comparing two of them.
+
+Pure functions: nothing here prints. A trace is a JSON-lines file: a header line, then
+one line per traced step, ``{"step": n, "entries": [...]}``, each entry recording one
+tensor (``name``, ``kind``, ``checksum``, ``norm``, ``dtype``, ``shape``; the loss also
+``value`` and ``bits``). A torn last line (a crash mid-write) is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import TorchreproError
+
+__all__ = [
+    "Comparison",
+    "EntryDiff",
+    "TraceData",
+    "TraceError",
+    "compare_traces",
+    "read_trace",
+]
+
+TRACE_FORMAT = "torchrepro-trace"
+TRACE_VERSION = 1
+
+
+class TraceError(TorchreproError):
+    """A trace file is missing, is not a torchrepro trace, or is corrupted."""
+
+
+def json_float(value: float | None) -> float | str | None:
+    """``value`` as strict JSON allows: non-finite floats become ``"nan"``, ``"inf"``, ``"-inf"``."""
+    if value is None or math.isfinite(value):
+        return value
+    return str(value)
+
+
+def _as_float(value: object) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)  # "nan", "inf", "-inf"
+        except ValueError:
+            return None
+    return None
+
+
+def _check_header(header: object, path: str) -> dict[str, Any]:
+    if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
+        raise TraceError(
+            f"{path} is not a torchrepro trace (its first line is not a torchrepro-trace header); "
+            "traces are written by torchrepro.Trace"
+        )
+    version = header.get("version")
+    if version != TRACE_VERSION:
+        raise TraceError(
+            f"{path} is a torchrepro trace of version {version!r}; this torchrepro reads version {TRACE_VERSION}"
+        )
+    return header
+
+
+def _check_record(record: object, path: str, line: int) -> dict[str, Any]:
+    ok = (
+        isinstance(record, dict)
+        and isinstance(record.get("step"), int)
+        and not isinstance(record.get("step"), bool)
+        and isinstance(record.get("entries"), list)
+        and all(
+            isinstance(e, dict)
+            and isinstance(e.get("name"), str)
+            and isinstance(e.get("kind"), str)
+            for e in record["entries"]
+        )
+    )
+    if not ok:
+        raise TraceError(
+            f"{path}, line {line}: not a trace record ({{'step': int, 'entries': [...]}})"
+        )
+    assert isinstance(record, dict)
+    return record
+
+
+def read_lines(path: str) -> tuple[dict[str, Any], list[tuple[dict[str, Any], str]], bool]:
+    """Parse a trace file: ``(header, [(record, raw line)], torn)``.
+
+    A last line that does not parse (or lacks its newline) is a torn write and is dropped;
+    a bad line elsewhere is corruption.
+
+    Raises:
+        TraceError: the file is empty, not a trace, or corrupted.
+        OSError: the file cannot be read.
+    """
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # A complete file ends with "\n", so the last piece is "" (or a torn line).
+    complete, last = lines[:-1], lines[-1]
+    torn = last != ""
+    if not complete:
+        if torn:
+            raise TraceError(
+                f"{path} holds only a torn header line; the run stopped before its first traced step"
+            )
+        raise TraceError(f"{path} is empty; the run recorded no traced step")
+    try:
+        header = json.loads(complete[0])
+    except json.JSONDecodeError:
+        header = None
+    header = _check_header(header, path)
+    records: list[tuple[dict[str, Any], str]] = []
+    for number, raw in enumerate(complete[1:], start=2):
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            if number == len(complete) and not torn:
+                torn = True  # a torn line whose newline made it to disk
+                break
+            raise TraceError(f"{path}, line {number}: corrupted trace line ({exc.msg})") from exc
+        records.append((_check_record(record, path, number), raw))
+    return header, records, torn
+
+
+@dataclass(frozen=True)
+class TraceData:
+    """A parsed trace: its header and its step records, in file order.
+
+    Attributes:
+        path: the file read.
+        header: format version, torchrepro and torch versions, rank, world size, every, grads.
+        records: ``{"step": int, "entries": [dict, ...]}`` per traced step.
+        torn: whether a torn last line was ignored.
+    """
+
+    path: str
+    header: dict[str, Any]
+    records: list[dict[str, Any]]
+    torn: bool = False
+
+    @property
+    def steps(self) -> list[int]:
+        """The traced step numbers, in file order."""
+        return [r["step"] for r in self.records]
+
+
+def read_trace(path: str | os.PathLike[str]) -> TraceData:
+    """Read a trace written by :class:`torchrepro.Trace`, ignoring a torn last line.
+
+    Args:
+        path: the trace file.
+
+    Returns:
+        The :class:`TraceData`.
+
+    Raises:
+        TraceError: the file is missing, empty, not a torchrepro trace, or corrupted
+            other than in its last line.
+        TypeError: ``path`` is not a str or path.
+
+    >>> import json, os, tempfile
+    >>> d = tempfile.mkdtemp(); p = os.path.join(d, "t.jsonl")
+    >>> with open(p, "w") as f:
+    ...     _ = f.write(json.dumps({"format": "torchrepro-trace", "version": 1}) + "\\n")
+    ...     _ = f.write(json.dumps({"step": 1, "entries": []}) + "\\n")
+    ...     _ = f.write('{"step": 2, "entr')  # torn by a crash
+    >>> read_trace(p).steps
+    [1]
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    name = os.fspath(path)
+    try:
+        header, records, torn = read_lines(name)
+    except FileNotFoundError as exc:
+        raise TraceError(
+            f"trace file {name} does not exist; did the run create a torchrepro.Trace?"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{name} is not a torchrepro trace (not UTF-8 text)") from exc
+    return TraceData(name, header, [r for r, _ in records], torn)
+
+
+@dataclass(frozen=True)
+class EntryDiff:
+    """One recorded tensor that differs between two traces at one step.
+
+    Attributes:
+        name: parameter, buffer or tensor name (``"loss"`` for the loss).
+        kind: ``"loss"``, ``"param"``, ``"buffer"``, ``"grad"`` or ``"tensor"``.
+        measure: what ``reference_value``/``other_value`` are: ``"value"`` (the loss) or ``"norm"``.
+        reference_value, other_value: the loss value or the tensor's norm; None when absent.
+        difference: ``other_value - reference_value`` when both are numbers.
+        reference_checksum, other_checksum: the exact checksums (hex), None when absent.
+        note: why they differ when it is not only the values (missing, shape, dtype, None grad).
+    """
+
+    name: str
+    kind: str
+    measure: str
+    reference_value: float | None
+    other_value: float | None
+    difference: float | None
+    reference_checksum: str | None
+    other_checksum: str | None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (non-finite floats as strings)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "measure": self.measure,
+            "reference_value": json_float(self.reference_value),
+            "other_value": json_float(self.other_value),
+            "difference": json_float(self.difference),
+            "reference_checksum": self.reference_checksum,
+            "other_checksum": self.other_checksum,
+            "note": self.note,
+        }
+
+    def format(self) -> str:
+        """One readable line, e.g. ``param fc.weight: norm 1.25 vs 1.2500001 (diff +1.19e-07)``."""
+        ref, oth = self.reference_value, self.other_value
+        text = f"{self.kind} {self.name}: {self.measure} {_fmt(ref)} vs {_fmt(oth)}"
+        if self.difference is not None:
+            text += (
+                f" (diff {self.difference:+.3g})" if self.difference else " (equal; bits differ)"
+            )
+        if self.note:
+            text += f" [{self.note}]"
+        return text
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else repr(value)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The result of :func:`compare_traces`.
+
+    Attributes:
+        names: ``(reference name, other name)``, used in messages.
+        identical: every step of both traces recorded bitwise-identical tensors, and both
+            traced the same steps.
+        steps_compared: number of step numbers present in both traces.
+        reference_steps, other_steps: number of traced steps in each.
+        first_step: the first step whose records differ, or that only one trace has;
+            None when identical.
+        entries: the differing entries at ``first_step``, in recording order (the loss, then
+            parameters by name, buffers, gradients, named tensors).
+        later_differing_steps: how many compared steps after ``first_step`` also differ.
+        notes: other findings (a shorter trace, a torn last line, different settings).
+    """
+
+    names: tuple[str, str]
+    identical: bool
+    steps_compared: int
+    reference_steps: int
+    other_steps: int
+    first_step: int | None
+    entries: list[EntryDiff] = field(default_factory=list)
+    later_differing_steps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        """One line: ``IDENTICAL: 87 steps ...`` or ``DIVERGED at step 37 (run "b" vs "a")``."""
+        ref, oth = self.names
+        if self.identical:
+            return f'IDENTICAL: {self.steps_compared} traced steps bitwise identical (run "{oth}" vs "{ref}")'
+        return f'DIVERGED at step {self.first_step} (run "{oth}" vs "{ref}")'
+
+    def format(self, max_entries: int = 10) -> str:
+        """The verdict, then the first differing entries and the notes, one per line.
+
+        Args:
+            max_entries: how many differing entries to list before summarising the rest.
+
+        Returns:
+            Text without a trailing newline.
+        """
+        lines = [self.verdict]
+        for entry in self.entries[:max_entries]:
+            lines.append("  " + entry.format())
+        if len(self.entries) > max_entries:
+            lines.append(
+                f"  ... and {len(self.entries) - max_entries} more differing entries at step {self.first_step}"
+            )
+        if not self.identical and self.first_step is not None:
+            later = self.later_differing_steps
+            lines.append(f"  {later} later compared step{'s' if later != 1 else ''} also differ")
+        lines.extend("  note: " + n for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field, plus ``verdict``."""
+        return {
+            "names": list(self.names),
+            "identical": self.identical,
+            "verdict": self.verdict,
+            "steps_compared": self.steps_compared,
+            "reference_steps": self.reference_steps,
+            "other_steps": self.other_steps,
+            "first_step": self.first_step,
+            "entries": [e.to_dict() for e in self.entries],
+            "later_differing_steps": self.later_differing_steps,
+            "notes": list(self.notes),
+        }
+
+
+def _entry_measure(entry: dict[str, Any]) -> tuple[str, float | None]:
+    if entry.get("kind") == "loss" and entry.get("value") is not None:
+        return "value", _as_float(entry.get("value"))
+    return "norm", _as_float(entry.get("norm"))
+
+
+def _diff_entry(
+    ref: dict[str, Any] | None, oth: dict[str, Any] | None, ref_name: str, oth_name: str
+) -> EntryDiff | None:
+    base = ref if ref is not None else oth
+    assert base is not None
+    if ref is not None and oth is not None:
+        same = all(ref.get(k) == oth.get(k) for k in ("checksum", "bits", "dtype", "shape"))
+        if same:
+            return None
+    measure, ref_value = _entry_measure(ref) if ref is not None else _entry_measure(base)
+    if ref is None:
+        ref_value = None
+    oth_value = _entry_measure(oth)[1] if oth is not None else None
+    notes = []
+    if ref is None:
+        notes.append(f'only in run "{oth_name}"')
+    elif oth is None:
+        notes.append(f'missing in run "{oth_name}"')
+    else:
+        for key in ("dtype", "shape"):
+            if ref.get(key) != oth.get(key):
+                notes.append(f"{key} {ref.get(key)} vs {oth.get(key)}")
+        if (ref.get("checksum") is None) != (oth.get("checksum") is None):
+            notes.append(
+                "grad is None in run "
+                + (f'"{ref_name}"' if ref.get("checksum") is None else f'"{oth_name}"')
+            )
+    difference = None
+    if ref_value is not None and oth_value is not None:
+        difference = oth_value - ref_value
+    return EntryDiff(
+        name=str(base["name"]),
+        kind=str(base["kind"]),
+        measure=measure,
+        reference_value=ref_value,
+        other_value=oth_value,
+        difference=difference,
+        reference_checksum=ref.get("checksum") if ref is not None else None,
+        other_checksum=oth.get("checksum") if oth is not None else None,
+        note="; ".join(notes),
+    )
+
+
+def _diff_step(ref: dict[str, Any], oth: dict[str, Any], names: tuple[str, str]) -> list[EntryDiff]:
+    def key(e: dict[str, Any]) -> tuple[str, str]:
+        return (str(e["kind"]), str(e["name"]))
+
+    other_by_key = {key(e): e for e in oth["entries"]}
+    seen = set()
+    diffs = []
+    for entry in ref["entries"]:
+        k = key(entry)
+        seen.add(k)
+        d = _diff_entry(entry, other_by_key.get(k), *names)
+        if d is not None:
+            diffs.append(d)
+    for entry in oth["entries"]:
+        if key(entry) not in seen:
+            d = _diff_entry(None, entry, *names)
+            if d is not None:
+                diffs.append(d)
+    return diffs
+
+
+def compare_traces(
+    reference: TraceData | str | os.PathLike[str],
+    other: TraceData | str | os.PathLike[str],
+    *,
+    names: tuple[str, str] = ("run 1", "run 2"),
+) -> Comparison:
+    """Compare two traces step by step and entry by entry, bitwise (by checksum and bits).
+
+    Norms and loss values are carried along for reporting magnitudes only; two entries
+    are equal when their checksums (and loss bits, dtype and shape) are equal.
+
+    Args:
+        reference: the trace to compare against (a :class:`TraceData` or a path).
+        other: the other trace.
+        names: how to call the two runs in messages: ``(reference, other)``.
+
+    Returns:
+        A :class:`Comparison`.
+
+    Raises:
+        TraceError: a path cannot be read as a trace (see :func:`read_trace`).
+        TypeError: ``names`` is not a pair of str.
+
+    >>> h = {"format": "torchrepro-trace", "version": 1}
+    >>> e = lambda c: {"name": "loss", "kind": "loss", "checksum": c, "value": 0.5}
+    >>> a = TraceData("a", h, [{"step": 1, "entries": [e("01")]}, {"step": 2, "entries": [e("02")]}])
+    >>> b = TraceData("b", h, [{"step": 1, "entries": [e("01")]}, {"step": 2, "entries": [e("0f")]}])
+    >>> compare_traces(a, a).identical
+    True
+    >>> compare_traces(a, b, names=("run 1", "num_workers=2")).verdict
+    'DIVERGED at step 2 (run "num_workers=2" vs "run 1")'
+    """
+    if not (
+        isinstance(names, tuple) and len(names) == 2 and all(isinstance(n, str) for n in names)
+    ):
+        raise TypeError(f"names must be a tuple of two str, got {names!r}")
+    ref = reference if isinstance(reference, TraceData) else read_trace(reference)
+    oth = other if isinstance(other, TraceData) else read_trace(other)
+    ref_steps = {r["step"]: r for r in ref.records}
+    oth_steps = {r["step"]: r for r in oth.records}
+    common = sorted(set(ref_steps) & set(oth_steps))
+    notes: list[str] = []
+    first_step: int | None = None
+    entries: list[EntryDiff] = []
+    later = 0
+    for step in common:
+        diffs = _diff_step(ref_steps[step], oth_steps[step], names)
+        if not diffs:
+            continue
+        if first_step is None:
+            first_step, entries = step, diffs
+        else:
+            later += 1
+    only_ref = sorted(set(ref_steps) - set(oth_steps))
+    only_oth = sorted(set(oth_steps) - set(ref_steps))
+    for name, missing, has in (
+        (names[1], only_ref, len(oth_steps)),
+        (names[0], only_oth, len(ref_steps)),
+    ):
+        if missing:
+            notes.append(
+                f'run "{name}" lacks {len(missing)} traced step(s) that the other has '
+                f"(steps {_ranges(missing)}); it traced {has} step(s)"
+            )
+    mismatch = only_ref[:1] + only_oth[:1]
+    if first_step is None and mismatch:
+        first_step = min(mismatch)
+    for key in ("every", "grads", "world_size"):
+        if ref.header.get(key) != oth.header.get(key):
+            notes.append(
+                f"traces were recorded with different {key}: {ref.header.get(key)!r} vs {oth.header.get(key)!r}"
+            )
+    for data, name in ((ref, names[0]), (oth, names[1])):
+        if data.torn:
+            notes.append(
+                f'run "{name}": a torn last trace line was ignored (the run stopped mid-write)'
+            )
+    identical = first_step is None
+    return Comparison(
+        names=names,
+        identical=identical,
+        steps_compared=len(common),
+        reference_steps=len(ref_steps),
+        other_steps=len(oth_steps),
+        first_step=first_step,
+        entries=entries,
+        later_differing_steps=later,
+        notes=notes,
+    )
+
+
+def _ranges(steps: list[int]) -> str:
+    if len(steps) == 1:
+        return str(steps[0])
+    if steps == list(range(steps[0], steps[-1] + 1)):
+        return f"{steps[0]}-{steps[-1]}"
+    shown = ", ".join(str(s) for s in steps[:5])
+    return shown + (", ..." if len(steps) > 5 else "")
