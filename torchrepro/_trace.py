@@ -1,0 +1,320 @@
+"""Trace: exact per-step checksums of the loss, parameters, buffers and gradients.
+
+One JSON line per traced step is appended and flushed to the file, so a crash loses at
+most the step in flight. ``torchrepro check`` compares the traces of several runs with
+:func:`torchrepro._compare.compare_traces`.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import struct
+import tempfile
+from typing import Any
+
+import torch
+
+from . import _dist, _envvars
+from ._checksum import tensor_checksums, tensor_norms
+from ._compare import TRACE_FORMAT, TRACE_VERSION, TraceError, json_float, read_lines
+from ._version import __version__
+
+__all__ = ["Trace"]
+
+STATE_VERSION = 1
+_UNRESOLVED = "<unresolved>"
+
+# Host-side decoding of a one-element loss from its raw little-endian bytes.
+_STRUCT = {torch.float16: "<e", torch.float32: "<f", torch.float64: "<d"}
+
+
+def _loss_value(dtype: torch.dtype, raw: bytes) -> float | None:
+    if dtype in _STRUCT:
+        return float(struct.unpack(_STRUCT[dtype], raw)[0])
+    if dtype == torch.bfloat16:
+        return float(struct.unpack("<f", b"\0\0" + raw)[0])
+    if dtype == torch.bool:
+        return float(raw[0])
+    if not dtype.is_floating_point and not dtype.is_complex:
+        return float(int.from_bytes(raw, "little", signed=dtype.is_signed))
+    return None
+
+
+def _as_tensor(value: object, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(f"{what} must be a torch.Tensor or a real number, got {type(value).__name__}")
+
+
+class Trace:
+    """Record exact checksums of a training run, one JSON line per traced step.
+
+    Call :meth:`step` once per optimisation step. On traced steps it records, in this
+    order: the loss (its exact bits, value and checksum), every parameter of ``model`` by
+    name, every buffer (e.g. BatchNorm running statistics), every gradient (with
+    ``grads=True``; a ``None`` gradient is recorded as such), then each named tensor. Each
+    tensor gets an exact 64-bit checksum (:func:`tensor_checksum`, computed on its device)
+    and a norm for reporting magnitudes.
+
+    The file starts with a header line (format version, torchrepro and torch versions,
+    rank, world size, ``every``, ``grads``). A fresh ``Trace`` overwrites the file at its
+    first traced step; after :meth:`load_state_dict` it continues it instead.
+
+    Under torch.distributed only rank 0 writes, unless ``per_rank=True`` or
+    ``TORCHREPRO_TRACE_ALL_RANKS=1``: then every rank writes to ``<path>.rank<r>``. The
+    rank is read at the first traced step, so the process group may be initialised after
+    the ``Trace`` is created.
+
+    Args:
+        path: the trace file. ``None`` reads ``TORCHREPRO_TRACE``; when that is unset too,
+            the trace is disabled and :meth:`step` only counts steps.
+        every: trace the steps ``n`` with ``n % every == 0``.
+        grads: also record every parameter's gradient.
+        per_rank: write one file per rank; ``None`` reads ``TORCHREPRO_TRACE_ALL_RANKS``.
+
+    Raises:
+        TypeError, ValueError: an argument or environment variable is invalid.
+
+    >>> import os, tempfile, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "trace.jsonl")
+    >>> trace = Trace(path)
+    >>> model = torch.nn.Linear(2, 1)
+    >>> trace.step(loss=torch.tensor(0.25), model=model)
+    >>> from torchrepro._compare import read_trace
+    >>> [(e["kind"], e["name"]) for e in read_trace(path).records[0]["entries"]]
+    [('loss', 'loss'), ('param', 'weight'), ('param', 'bias')]
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        every: int = 1,
+        grads: bool = False,
+        per_rank: bool | None = None,
+    ) -> None:
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"path must be a str, os.PathLike or None, got {type(path).__name__} {path!r}"
+            )
+        if isinstance(every, bool) or not isinstance(every, int):
+            raise TypeError(f"every must be an int >= 1, got {type(every).__name__} {every!r}")
+        if every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every}")
+        if not isinstance(grads, bool):
+            raise TypeError(f"grads must be a bool, got {type(grads).__name__} {grads!r}")
+        if per_rank is not None and not isinstance(per_rank, bool):
+            raise TypeError(
+                f"per_rank must be a bool or None, got {type(per_rank).__name__} {per_rank!r}"
+            )
+        if per_rank is None:
+            per_rank = _envvars.env_int(_envvars.TRACE_ALL_RANKS, low=0, high=1) == 1
+        base = os.fspath(path) if path is not None else _envvars.env_path(_envvars.TRACE)
+        if base is not None and base == "":
+            raise ValueError("path must be a non-empty path, got ''")
+        self._base: str | None = base
+        self._every = every
+        self._grads = grads
+        self._per_rank = per_rank
+        self._step = 0
+        self._file: str | None = _UNRESOLVED if base is not None else None
+        self._fresh = True  # overwrite the file at the first write
+
+    def __repr__(self) -> str:
+        return f"Trace(path={self._base!r}, every={self._every}, grads={self._grads}, step={self._step})"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a path was given (argument or ``TORCHREPRO_TRACE``)."""
+        return self._base is not None
+
+    @property
+    def steps(self) -> int:
+        """How many times :meth:`step` has been called (including before a resume)."""
+        return self._step
+
+    @property
+    def path(self) -> str | None:
+        """The file this process writes (with the rank suffix), or None when it writes none."""
+        return self._resolve()
+
+    def _resolve(self) -> str | None:
+        if self._file == _UNRESOLVED:
+            assert self._base is not None
+            rank = _dist.rank()
+            if self._per_rank:
+                self._file = f"{self._base}.rank{rank}"
+            else:
+                self._file = self._base if rank == 0 else None
+        return self._file
+
+    def step(
+        self, loss: object = None, model: torch.nn.Module | None = None, **tensors: object
+    ) -> None:
+        """Count one step; on traced steps, record and flush one line.
+
+        Arguments are checked only on traced steps (untraced and disabled steps cost a
+        counter increment). Reads each tensor's checksum and norm: one host transfer per
+        device, which waits for the device's queued work.
+
+        Args:
+            loss: the step's loss: a tensor (any device; one element or more) or a number.
+            model: record its parameters and buffers (and gradients, with ``grads=True``).
+            **tensors: further tensors (or numbers) to record under their keyword names,
+                e.g. ``logits=out``.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``, or a value is not a tensor/number.
+            OSError: the trace file cannot be written.
+        """
+        self._step += 1
+        if self._file is None or self._step % self._every:
+            return
+        path = self._resolve()
+        if path is None:
+            return
+        self._write(path, self._record(loss, model, tensors))
+
+    def _record(self, loss: object, model: object, tensors: dict[str, object]) -> dict[str, Any]:
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        items: list[tuple[str, str, torch.Tensor | None]] = []
+        if loss is not None:
+            items.append(("loss", "loss", _as_tensor(loss, "loss")))
+        if model is not None:
+            params = list(model.named_parameters())
+            items.extend((name, "param", p) for name, p in params)
+            items.extend((name, "buffer", b) for name, b in model.named_buffers())
+            if self._grads:
+                items.extend((name, "grad", p.grad) for name, p in params)
+        for name, value in tensors.items():
+            items.append((name, "tensor", _as_tensor(value, f"tensor {name!r}")))
+        present = [t for _, _, t in items if t is not None]
+        checksums = iter(tensor_checksums(present))
+        norms = iter(tensor_norms(present))
+        entries: list[dict[str, Any]] = []
+        for name, kind, t in items:
+            if t is None:
+                entries.append({"name": name, "kind": kind, "checksum": None})
+                continue
+            entry: dict[str, Any] = {
+                "name": name,
+                "kind": kind,
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+                "checksum": f"{next(checksums):016x}",
+                "norm": json_float(next(norms)),
+            }
+            if kind == "loss" and t.numel() == 1:
+                raw = bytes(t.detach().reshape(1).view(torch.uint8).tolist())
+                entry["bits"] = "0x" + int.from_bytes(raw, "little").to_bytes(len(raw), "big").hex()
+                entry["value"] = json_float(_loss_value(t.dtype, raw))
+            entries.append(entry)
+        return {"step": self._step, "entries": entries}
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "format": TRACE_FORMAT,
+            "version": TRACE_VERSION,
+            "torchrepro": __version__,
+            "torch": torch.__version__,
+            "rank": _dist.rank(),
+            "world_size": _dist.world_size(),
+            "every": self._every,
+            "grads": self._grads,
+        }
+
+    def _write(self, path: str, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        new = self._fresh or not os.path.exists(path) or os.path.getsize(path) == 0
+        if new:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            line = json.dumps(self._header(), separators=(",", ":")) + "\n" + line
+        with open(path, "w" if self._fresh else "a", encoding="utf-8") as f:
+            f.write(line)
+        self._fresh = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step count, so a resumed run continues the numbering and the file.
+
+        Returns:
+            ``{"version": 1, "step": int, "path": str | None}`` (``path`` is informational).
+
+        >>> Trace(None).state_dict()
+        {'version': 1, 'step': 0, 'path': None}
+        """
+        return {"version": STATE_VERSION, "step": self._step, "path": self._base}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the step count, and the trace file.
+
+        The file keeps its header and the records of steps up to the saved step, so the
+        steps a crashed run traced after its checkpoint are dropped and the resumed trace
+        equals an uninterrupted run's. The rewrite is atomic (a temporary file, then
+        ``os.replace``). The trace's own path is used, not the saved one.
+
+        Args:
+            state: the dict from :meth:`state_dict`.
+
+        Raises:
+            TypeError: ``state`` is not a dict, or ``step`` is not an int.
+            ValueError: unknown version, or a negative step.
+            TraceError: the existing file is not a torchrepro trace or is corrupted.
+
+        >>> t = Trace(None); t.load_state_dict({"version": 1, "step": 41}); t.steps
+        41
+        """
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"state must be a dict from Trace.state_dict(), got {type(state).__name__}"
+            )
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"Trace state must have version {STATE_VERSION}, got {version!r}; was it made by Trace.state_dict()?"
+            )
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(
+                f"Trace state 'step' must be an int >= 0, got {type(step).__name__} {step!r}"
+            )
+        if step < 0:
+            raise ValueError(f"Trace state 'step' must be an int >= 0, got {step}")
+        self._step = step
+        path = self._resolve()
+        if path is None:
+            return
+        self._fresh = False
+        if os.path.exists(path):
+            _truncate(path, step)
+
+
+def _truncate(path: str, step: int) -> None:
+    """Atomically keep the header and the records of steps <= ``step``."""
+    try:
+        _, records, torn = read_lines(path)
+    except TraceError as exc:
+        raise TraceError(f"cannot continue trace {path} after a resume: {exc}") from exc
+    with open(path, encoding="utf-8") as f:
+        header_line = f.readline()
+    kept = [raw for record, raw in records if record["step"] <= step]
+    if len(kept) == len(records) and not torn:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".trace-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(header_line)
+            f.writelines(raw + "\n" for raw in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
