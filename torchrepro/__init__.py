@@ -1,5 +1,6 @@
 """torchrepro: bitwise-reproducible PyTorch training, and the tools that prove it."""
 
+from ._checkpoint import Checkpointer, Stateful, load_checkpoint, save_checkpoint
 from ._determinism import DeterminismSettings, deterministic
 from ._envdiff import Difference, diff_fingerprints
 from ._errors import (
@@ -16,10 +17,12 @@ from ._version import __version__
 
 __all__ = [
     "CheckpointError",
+    "Checkpointer",
     "DeterminismError",
     "DeterminismSettings",
     "Difference",
     "RNGStateError",
+    "Stateful",
     "TorchreproError",
     "TorchreproWarning",
     "__version__",
@@ -29,6 +32,8 @@ __all__ = [
     "fingerprint",
     "get_rng_state",
     "isolated_rng",
+    "load_checkpoint",
+    "save_checkpoint",
     "seed_everything",
     "set_rng_state",
 ]

@@ -55,11 +55,6 @@ _RULES: tuple[tuple[str, int, str], ...] = (
         "str hashing differs: set and dict iteration order of strings changes",
     ),
     ("env.TORCHREPRO_SEED", 6, "the seed differs"),
-    (
-        "env.TORCHREPRO_NUM_WORKERS",
-        12,
-        "num_workers differs (torchrepro.DataLoader is invariant to it)",
-    ),
     ("torch.nccl", 7, "NCCL versions differ: all-reduce summation order can differ"),
     ("env.NCCL_", 7, "NCCL algorithm/protocol selection changes all-reduce summation order"),
     ("env.NVIDIA_TF32_OVERRIDE", 5, "TF32 override changes float32 matmul rounding"),
@@ -81,6 +76,7 @@ _RULES: tuple[tuple[str, int, str], ...] = (
 )
 
 _HARMLESS: tuple[tuple[str, str], ...] = (
+    ("env.TORCHREPRO_NUM_WORKERS", "num_workers: torchrepro.DataLoader's results do not depend on it"),
     ("env.CUDA_LAUNCH_BLOCKING", "changes timing and error reporting, not results"),
     (
         "env.CUDA_VISIBLE_DEVICES",

@@ -6,6 +6,7 @@ comparison of two fingerprints lives in ``_envdiff``.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -77,6 +78,7 @@ ML_PACKAGES = (
 )
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -88,6 +90,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)  # installed versions do not change within a process
 def _packages() -> dict[str, str]:
     found = {}
     for name in ML_PACKAGES:
@@ -208,7 +211,7 @@ def fingerprint() -> dict[str, Any]:
         "hostname": platform.node(),
         "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count()},
         "torch": {
-            "version": torch.__version__,
+            "version": str(torch.__version__),
             "git_version": getattr(torch.version, "git_version", None),
             "cuda": torch.version.cuda,
             "cudnn": _cudnn(),
@@ -224,6 +227,6 @@ def fingerprint() -> dict[str, Any]:
         },
         "determinism": settings,
         "env": {name: os.environ.get(name) for name in NUMERIC_ENV_VARS},
-        "packages": packages,
+        "packages": dict(packages),
         "git": _git(os.getcwd()),
     }

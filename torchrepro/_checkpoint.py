@@ -1,0 +1,365 @@
+"""Bitwise resume: :func:`save_checkpoint`, :func:`load_checkpoint` and :class:`Checkpointer`.
+
+Objects are known only through ``state_dict()``/``load_state_dict()``. A checkpoint file is
+``MAGIC | sha256(payload) | len(payload) | payload`` where the payload is ``torch.save`` of a
+plain dict, so a torn or corrupted file is detected before ``torch.load`` reads it. Writes go
+to a temporary file in the same directory, are fsynced, and replace the old file atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from . import _dist, _envvars
+from ._determinism import current_settings
+from ._envdiff import diff_fingerprints
+from ._errors import CheckpointError, TorchreproWarning
+from ._fingerprint import fingerprint
+from ._rng import get_rng_state, set_rng_state
+from ._seed import derive_words
+from ._version import __version__
+
+__all__ = ["Checkpointer", "Stateful", "load_checkpoint", "save_checkpoint"]
+
+MAGIC = b"TRCKPT\x00\x01"
+FORMAT_VERSION = 1
+_HEADER = len(MAGIC) + 32 + 8
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything checkpointable: modules, optimizers, schedulers, loaders, your own classes."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any, /) -> Any: ...
+
+
+def _check_objects(objects: Mapping[str, object]) -> None:
+    for name, obj in objects.items():
+        if not isinstance(obj, Stateful):
+            raise TypeError(
+                f"checkpoint object {name}= must have state_dict() and load_state_dict(), "
+                f"got {type(obj).__name__}"
+            )
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on this platform/filesystem
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "little")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {str(path)!r}") from None
+    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+        raise CheckpointError(
+            f"{str(path)!r} is not a torchrepro checkpoint (it lacks the torchrepro header)"
+        )
+    if len(data) < _HEADER:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated: {len(data)} bytes, header incomplete"
+        )
+    digest = data[len(MAGIC) : len(MAGIC) + 32]
+    length = int.from_bytes(data[len(MAGIC) + 32 : _HEADER], "little")
+    payload = data[_HEADER:]
+    if len(payload) != length:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or padded: payload has {len(payload)} bytes, "
+            f"the header says {length}"
+        )
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupted: its checksum does not match its contents"
+        )
+    try:
+        content = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be unpickled safely: {exc}"
+        ) from exc
+    if not isinstance(content, dict) or content.get("format") != "torchrepro.checkpoint":
+        raise CheckpointError(f"{str(path)!r} is not a torchrepro checkpoint")
+    version = content.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format version {version!r}; this torchrepro "
+            f"{__version__} reads version {FORMAT_VERSION}"
+        )
+    return content
+
+
+def _gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (on every rank)."""
+    state = get_rng_state()
+    if not _dist.is_distributed():
+        return [state]
+    gathered: list[Any] = [None] * _dist.world_size()
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def _save(
+    path: Path, objects: Mapping[str, Any], extra: dict[str, Any] | None, meta: dict[str, Any]
+) -> None:
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
+    _check_objects(objects)
+    rng_states = _gather_rng_states()  # a collective: every rank calls it
+    if _dist.rank() == 0:
+        content = {
+            "format": "torchrepro.checkpoint",
+            "format_version": FORMAT_VERSION,
+            "torchrepro_version": __version__,
+            "objects": {name: obj.state_dict() for name, obj in objects.items()},
+            "extra": dict(extra or {}),
+            "rng": rng_states,
+            "world_size": _dist.world_size(),
+            "determinism": current_settings(),
+            "fingerprint": fingerprint(),
+            "meta": meta,
+        }
+        buffer = io.BytesIO()
+        torch.save(content, buffer)
+        _atomic_write(path, buffer.getvalue())
+    if _dist.is_distributed():
+        torch.distributed.barrier()  # nobody reads or exits before the file is complete
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], *, extra: dict[str, Any] | None = None, **objects: Any
+) -> None:
+    """Save ``objects`` and every RNG state so that a resumed run is bitwise identical.
+
+    The file holds each object's ``state_dict()``, ``extra``, every rank's RNG state
+    (:func:`torchrepro.get_rng_state`), the determinism settings, the environment
+    fingerprint, the torchrepro version and a format version. The write is atomic: after a
+    crash or ``kill -9`` at any instant, ``path`` holds the previous complete checkpoint or
+    the new one. A checksum lets :func:`load_checkpoint` detect a torn or corrupted file.
+
+    Under torch.distributed, call it on every rank with the same path: rank 0 writes the
+    objects' state as rank 0 sees it (for sharded FSDP state, pass objects whose
+    ``state_dict()`` returns the full state on rank 0), every rank's RNG state is gathered.
+
+    Args:
+        path: the file to write (its directory is created).
+        extra: a plain dict (ints, floats, strings, lists, tensors) returned by
+            :func:`load_checkpoint`, e.g. ``{"step": step}``.
+        **objects: named objects with ``state_dict()``/``load_state_dict()``.
+
+    Raises:
+        TypeError: an object lacks the protocol, or ``extra`` is not a dict.
+
+    >>> import tempfile, torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save_checkpoint(f"{d}/ckpt.pt", model=model, extra={"step": 3})
+    ...     load_checkpoint(f"{d}/ckpt.pt", model=model)
+    {'step': 3}
+    """
+    _save(Path(path), objects, extra, meta={})
+
+
+def _warn_environment(path: Path, saved: Any) -> None:
+    if not isinstance(saved, dict):
+        return
+    changed = [d for d in diff_fingerprints(saved, fingerprint()) if d.changes_results]
+    if changed:
+        lines = "\n".join(f"  {d}" for d in changed)
+        warnings.warn(
+            f"checkpoint {str(path)!r} was saved in an environment that differs in ways that can "
+            f"change results; the resumed run may not be bitwise identical:\n{lines}",
+            TorchreproWarning,
+            stacklevel=3,
+        )
+
+
+def _restore_rng(path: Path, content: dict[str, Any], strict: bool) -> None:
+    states = content["rng"]
+    saved_world, world, rank = int(content.get("world_size", 1)), _dist.world_size(), _dist.rank()
+    if saved_world == world:
+        set_rng_state(states[rank] if len(states) > rank else states[0], strict=strict)
+        return
+    message = f"checkpoint {str(path)!r} was saved with world size {saved_world}, this run has world size {world}"
+    if strict:
+        raise CheckpointError(
+            message + "; pass strict=False to re-derive each rank's random streams from the seed "
+            "and continue at the same global sample position"
+        )
+    warnings.warn(
+        message + "; each rank's random streams are re-derived from the seed (not the saved ones)",
+        TorchreproWarning,
+        stacklevel=3,
+    )
+    seed = int(os.environ.get(_envvars.SEED, "0") or 0)
+    steps = int(content.get("meta", {}).get("steps", 0))
+    set_rng_state(states[0], strict=False)  # Python/NumPy/CUDA layout from rank 0, then reseed
+    py, tr = derive_words(seed, "resume", world, rank, steps, words=2)
+    random.seed(py)
+    torch.manual_seed(tr)
+
+
+def _load(
+    path: Path, objects: Mapping[str, Any], strict: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    _check_objects(objects)
+    content = _read(path)
+    saved: dict[str, Any] = content["objects"]
+    missing = sorted(set(objects) - set(saved))
+    unexpected = sorted(set(saved) - set(objects))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"not in the file: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"in the file but not passed: {', '.join(unexpected)}")
+        message = f"checkpoint {str(path)!r} objects do not match ({'; '.join(parts)})"
+        if strict:
+            raise CheckpointError(message + "; pass strict=False to load the names both have")
+        warnings.warn(message + "; loaded the names both have", TorchreproWarning, stacklevel=3)
+    _warn_environment(path, content.get("fingerprint"))
+    for name, obj in objects.items():
+        if name not in saved:
+            continue
+        try:
+            obj.load_state_dict(saved[name])
+        except Exception as exc:
+            raise CheckpointError(
+                f"loading {name}= from checkpoint {str(path)!r} failed: {exc}"
+            ) from exc
+    _restore_rng(path, content, strict)  # last: nothing may draw between this and the loop
+    return dict(content.get("extra", {})), dict(content.get("meta", {}))
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, strict: bool = True, **objects: Any
+) -> dict[str, Any]:
+    """Load a checkpoint saved by :func:`save_checkpoint` into ``objects``, then the RNG state.
+
+    Every object is loaded first and the RNG state last, so nothing consumes randomness
+    between the restore and the training loop. Reads with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the checkpoint file.
+        strict: raise when the names passed and the names saved differ, when the saved RNG
+            state does not fit this machine's devices, or when the world size differs. With
+            ``strict=False``, load what matches and warn.
+        **objects: the same names that were saved.
+
+    Returns:
+        The ``extra`` dict saved with the checkpoint (``{}`` if none).
+
+    Raises:
+        CheckpointError: the file is missing, not a torchrepro checkpoint, of an unknown
+            format version, truncated or corrupted; names do not match (strict); an object's
+            ``load_state_dict`` failed (the message names the object).
+
+    Warns:
+        TorchreproWarning: the saving machine's fingerprint differs in ways that change
+            numerics (the reasons ``torchrepro env --diff`` gives).
+    """
+    extra, _meta = _load(Path(path), objects, strict)
+    return extra
+
+
+class Checkpointer:
+    """Few-lines checkpointing for a plain training loop.
+
+    >>> import tempfile, torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     ckpt = Checkpointer(f"{d}/ckpt.pt", every=2, model=model)
+    ...     ckpt.resume() is None
+    ...     for _ in range(3):
+    ...         ckpt.step()
+    ...     again = Checkpointer(f"{d}/ckpt.pt", every=2, model=model)
+    ...     _ = again.resume()
+    ...     again.steps
+    True
+    2
+
+    Args:
+        path: the checkpoint file; ``TORCHREPRO_CHECKPOINT``, when set, replaces it.
+        every: save after every ``every`` steps (an int >= 1).
+        **objects: named objects with ``state_dict()``/``load_state_dict()``.
+
+    Environment:
+        ``TORCHREPRO_CHECKPOINT``: replaces ``path`` (a checker gives each run its own).
+        ``TORCHREPRO_STOP_AT=K``: when ``.steps`` reaches K, save and end the process with
+        status 0 (a clean stand-in for a crash right after a save).
+
+    Raises:
+        TypeError, ValueError: bad ``every``, objects or environment variables.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, every: int, **objects: Any) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1 (save every N steps), got {every!r}")
+        _check_objects(objects)
+        override = _envvars.env_path(_envvars.CHECKPOINT)
+        self.path = Path(override if override is not None else path)
+        self.every = every
+        self.objects = dict(objects)
+        self.steps = 0
+        self.stop_at = _envvars.env_int(_envvars.STOP_AT, low=1)
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load ``path`` if it exists and return its ``extra``; None when there is none."""
+        if not self.path.exists():
+            return None
+        extra, meta = _load(self.path, self.objects, strict=True)
+        self.steps = int(meta.get("steps", 0))
+        return extra
+
+    def save(self, extra: dict[str, Any] | None = None) -> None:
+        """Save now, recording ``.steps``."""
+        _save(self.path, self.objects, extra, meta={"steps": self.steps})
+
+    def step(self, extra: dict[str, Any] | None = None) -> None:
+        """Count one completed training step; save every ``every`` steps.
+
+        With ``TORCHREPRO_STOP_AT=K``, the K-th step saves and raises ``SystemExit(0)``.
+        """
+        self.steps += 1
+        stopping = self.stop_at is not None and self.steps == self.stop_at
+        if self.steps % self.every == 0 or stopping:
+            self.save(extra)
+        if stopping:
+            raise SystemExit(0)
