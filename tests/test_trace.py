@@ -287,3 +287,17 @@ def test_file_is_flushed_each_traced_step(tmp_path: Path) -> None:
     size = os.path.getsize(path)
     trace.step(loss=2.0)
     assert os.path.getsize(path) > size  # visible to another reader without closing anything
+
+
+def test_members_match_named_parameters_and_buffers_with_tied_weights() -> None:
+    from torchrepro._trace import _members
+
+    with isolated_rng():
+        model = torch.nn.Sequential(
+            torch.nn.Embedding(5, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 5)
+        )
+    model[2].weight = model[0].weight  # tied: recorded once, under its first name
+    model[1].register_buffer("scratch", torch.zeros(2), persistent=False)
+    params, buffers = _members(model)
+    assert [(n, id(t)) for n, t in params] == [(n, id(t)) for n, t in model.named_parameters()]
+    assert [(n, id(t)) for n, t in buffers] == [(n, id(t)) for n, t in model.named_buffers()]

@@ -114,9 +114,8 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     """The bytes of ``t`` in logical order, as a contiguous 1-D uint8 tensor."""
     if t.layout != torch.strided:
         raise TypeError(f"tensor_checksum needs a dense (strided) tensor, got layout {t.layout}")
-    flat = t.detach().reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
+    # callers run under no_grad, so views of parameters need no detach()
+    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1).contiguous()
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
@@ -329,8 +328,8 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
                 dtype = torch.float32 if low else None
                 norms.extend(torch._foreach_norm(batch, 2, dtype=dtype))
             others = sorted(set(indices) - set(floats))
-            norms.extend(torch.linalg.vector_norm(tensors[i].detach().double()) for i in others)
-            values = torch.stack([n.reshape(()).to(torch.float64) for n in norms]).tolist()
+            norms.extend(torch.linalg.vector_norm(tensors[i].double()) for i in others)
+            values = torch.stack(norms).to(torch.float64).tolist()
             for i, v in zip(floats + others, values, strict=True):
                 out[i] = float(v)
     return out

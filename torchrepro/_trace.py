@@ -50,6 +50,23 @@ def _as_tensor(value: object, what: str) -> torch.Tensor:
     raise TypeError(f"{what} must be a torch.Tensor or a real number, got {type(value).__name__}")
 
 
+def _members(
+    model: torch.nn.Module,
+) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """``named_parameters()`` and ``named_buffers()`` (same names and order) in one traversal."""
+    params: list[tuple[str, torch.Tensor]] = []
+    buffers: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        dot = prefix + "." if prefix else ""
+        for members, out in ((module._parameters, params), (module._buffers, buffers)):
+            for name, t in members.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append((dot + name, t))
+    return params, buffers
+
+
 class Trace:
     """Record exact checksums of a training run, one JSON line per traced step.
 
@@ -186,9 +203,9 @@ class Trace:
         if loss is not None:
             items.append(("loss", "loss", _as_tensor(loss, "loss")))
         if model is not None:
-            params = list(model.named_parameters())
+            params, buffers = _members(model)
             items.extend((name, "param", p) for name, p in params)
-            items.extend((name, "buffer", b) for name, b in model.named_buffers())
+            items.extend((name, "buffer", b) for name, b in buffers)
             if self._grads:
                 items.extend((name, "grad", p.grad) for name, p in params)
         for name, value in tensors.items():
