@@ -173,12 +173,15 @@ def _layout(
     return weights, start, end
 
 
-def _small_sums(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``S`` of each tensor in ``parts`` (int64 words, at most ``C`` each), as one int64 tensor."""
-    device = parts[0].device
-    counts = tuple(p.numel() for p in parts)
+def _small_sums(raw: list[torch.Tensor], counts: tuple[int, ...]) -> torch.Tensor:
+    """``S`` of each small tensor, as one int64 tensor.
+
+    ``raw`` holds each tensor's bytes followed by its zero padding to whole words;
+    ``counts`` the number of words of each (at most ``C``).
+    """
+    device = raw[0].device
     weights, start, end = _layout(device, counts)
-    products = torch.cat(parts) * weights
+    products = torch.cat(raw).view(torch.int64) * weights
     cumulative = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), products.cumsum(0)])
     # differences of a wrap-around prefix sum are exact modulo 2**64
     return cumulative[end] - cumulative[start]
@@ -186,30 +189,36 @@ def _small_sums(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _device_sums(tensors: Sequence[torch.Tensor]) -> list[int]:
     """``S`` of tensors that share one device, with a single transfer to the host."""
-    results: list[torch.Tensor | None] = [None] * len(tensors)
-    small: list[tuple[int, torch.Tensor]] = []
-    batch_words = 0
-
-    def flush() -> None:
-        nonlocal small, batch_words
-        if small:
-            sums = _small_sums([w for _, w in small])
-            for j, (i, _) in enumerate(small):
-                results[i] = sums[j]
-        small, batch_words = [], 0
-
+    pieces: list[torch.Tensor] = []  # sums, in the order of ``slots``
+    slots: list[int] = []
+    raw: list[torch.Tensor] = []  # the current batch of small tensors
+    counts: list[int] = []
+    members: list[int] = []
     for i, t in enumerate(tensors):
-        words = _words(_bytes(t))
-        if words.numel() > _C:
-            results[i] = _large_sum(words)
-        else:
-            if batch_words + words.numel() > _SMALL_BATCH_WORDS:
-                flush()
-            small.append((i, words))
-            batch_words += words.numel()
-    flush()
-    stacked = torch.stack([r for r in results if r is not None])
-    return [v & _MASK for v in stacked.tolist()]
+        data = _bytes(t)
+        n = data.numel()
+        words = -(-n // 8)
+        if words > _C:
+            pieces.append(_large_sum(_words(data)).reshape(1))
+            slots.append(i)
+            continue
+        if counts and sum(counts) + words > _SMALL_BATCH_WORDS:
+            pieces.append(_small_sums(raw, tuple(counts)))
+            slots.extend(members)
+            raw, counts, members = [], [], []
+        raw.append(data)
+        if n % 8:
+            raw.append(_zero_pad(data.device, -n % 8))
+        counts.append(words)
+        members.append(i)
+    if counts:
+        pieces.append(_small_sums(raw, tuple(counts)))
+        slots.extend(members)
+    values = torch.cat(pieces).tolist()
+    sums = [0] * len(tensors)
+    for slot, value in zip(slots, values, strict=True):
+        sums[slot] = value & _MASK
+    return sums
 
 
 def tensor_checksums(tensors: Sequence[torch.Tensor]) -> list[int]:
@@ -310,27 +319,22 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
     [5.0, 1.0]
     """
     out: list[float] = [0.0] * len(tensors)
-    groups: dict[tuple[torch.device, bool], list[int]] = {}
+    groups: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
+    positions: dict[tuple[torch.device, bool], list[int]] = {}
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
                 f"tensor_norms expects torch.Tensor items, got {type(t).__name__} at index {i}"
             )
-        groups.setdefault((t.device, t.dtype in _LOW_PRECISION), []).append(i)
+        floating = t.is_floating_point() or t.is_complex()
+        key = (t.device, floating and t.dtype in _LOW_PRECISION)
+        groups.setdefault(key, []).append(_norm_input(t) if floating else t.double())
+        positions.setdefault(key, []).append(i)
     with torch.no_grad():
-        for (_, low), indices in groups.items():
-            norms: list[torch.Tensor] = []
-            floats = [
-                i for i in indices if tensors[i].is_floating_point() or tensors[i].is_complex()
-            ]
-            if floats:
-                batch = [_norm_input(tensors[i]) for i in floats]
-                dtype = torch.float32 if low else None
-                norms.extend(torch._foreach_norm(batch, 2, dtype=dtype))
-            others = sorted(set(indices) - set(floats))
-            norms.extend(torch.linalg.vector_norm(tensors[i].double()) for i in others)
+        for (_, low), batch in groups.items():
+            norms = torch._foreach_norm(batch, 2, dtype=torch.float32 if low else None)
             values = torch.stack(norms).to(torch.float64).tolist()
-            for i, v in zip(floats + others, values, strict=True):
+            for i, v in zip(positions[(_, low)], values, strict=True):
                 out[i] = float(v)
     return out
 
