@@ -90,7 +90,12 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="fewer repeats (a few seconds; noisier)"
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     os.environ.pop("TORCHREPRO_TRACE", None)  # the disabled variant must be disabled
     torch.manual_seed(0)
     cases = [

@@ -301,3 +301,16 @@ def test_members_match_named_parameters_and_buffers_with_tied_weights() -> None:
     params, buffers = _members(model)
     assert [(n, id(t)) for n, t in params] == [(n, id(t)) for n, t in model.named_parameters()]
     assert [(n, id(t)) for n, t in buffers] == [(n, id(t)) for n, t in model.named_buffers()]
+
+
+def test_close_then_step_appends_and_context_manager_closes(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    with Trace(path) as trace:
+        trace.step(loss=1.0)
+        assert trace._fd is not None
+    assert trace._fd is None
+    trace.step(loss=2.0)  # reopens, appending after the header and step 1
+    trace.close()
+    trace.close()  # idempotent
+    assert read_trace(path).steps == [1, 2]
+    assert path.read_text().count('"format"') == 1

@@ -284,17 +284,22 @@ def tensor_checksum(t: torch.Tensor) -> int:
     return tensor_checksums([t])[0]
 
 
+_NATIVE = frozenset({torch.float32, torch.float64, torch.complex64, torch.complex128})
 _LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
-_UPCAST = {torch.complex32: torch.complex64}  # dtypes torch cannot reduce in place
 
 
-def _norm_input(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.dtype in _UPCAST:
-        return t.to(_UPCAST[t.dtype])
-    if t.is_floating_point() and t.element_size() == 1:  # float8 variants
-        return t.float()
-    return t
+def _norm_input(t: torch.Tensor) -> tuple[bool, torch.Tensor]:
+    """``(low precision, tensor to reduce)``: what ``_foreach_norm`` can take for ``t``."""
+    dtype = t.dtype
+    if dtype in _NATIVE:
+        return False, t
+    if dtype in _LOW_PRECISION:
+        return True, t
+    if dtype == torch.complex32:
+        return False, t.to(torch.complex64)
+    if t.is_floating_point():  # float8 variants
+        return False, t.float()
+    return False, t.double()  # ints and bool
 
 
 def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
@@ -321,16 +326,16 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
     out: list[float] = [0.0] * len(tensors)
     groups: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
     positions: dict[tuple[torch.device, bool], list[int]] = {}
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"tensor_norms expects torch.Tensor items, got {type(t).__name__} at index {i}"
-            )
-        floating = t.is_floating_point() or t.is_complex()
-        key = (t.device, floating and t.dtype in _LOW_PRECISION)
-        groups.setdefault(key, []).append(_norm_input(t) if floating else t.double())
-        positions.setdefault(key, []).append(i)
     with torch.no_grad():
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"tensor_norms expects torch.Tensor items, got {type(t).__name__} at index {i}"
+                )
+            low, reduced = _norm_input(t)
+            key = (t.device, low)
+            groups.setdefault(key, []).append(reduced)
+            positions.setdefault(key, []).append(i)
         for (_, low), batch in groups.items():
             norms = torch._foreach_norm(batch, 2, dtype=torch.float32 if low else None)
             values = torch.stack(norms).to(torch.float64).tolist()

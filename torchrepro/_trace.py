@@ -140,6 +140,7 @@ class Trace:
         self._step = 0
         self._file: str | None = _UNRESOLVED if base is not None else None
         self._fresh = True  # overwrite the file at the first write
+        self._fd: int | None = None
 
     def __repr__(self) -> str:
         return f"Trace(path={self._base!r}, every={self._every}, grads={self._grads}, step={self._step})"
@@ -247,13 +248,37 @@ class Trace:
 
     def _write(self, path: str, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-        new = self._fresh or not os.path.exists(path) or os.path.getsize(path) == 0
-        if new:
+        if self._fd is None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            line = json.dumps(self._header(), separators=(",", ":")) + "\n" + line
-        with open(path, "w" if self._fresh else "a", encoding="utf-8") as f:
-            f.write(line)
-        self._fresh = False
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if self._fresh else 0)
+            self._fd = os.open(path, flags, 0o666)
+            self._fresh = False
+            if os.fstat(self._fd).st_size == 0:
+                line = json.dumps(self._header(), separators=(",", ":")) + "\n" + line
+        # One unbuffered write per traced step: the line is in the OS when step() returns,
+        # and there is no Python buffer for a forked DataLoader worker to write twice.
+        data = line.encode()
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+    def close(self) -> None:
+        """Close the trace file (the next traced step reopens it, appending).
+
+        >>> Trace(None).close()
+        """
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self.close()
 
     def state_dict(self) -> dict[str, Any]:
         """The step count, so a resumed run continues the numbering and the file.
@@ -305,6 +330,7 @@ class Trace:
         path = self._resolve()
         if path is None:
             return
+        self.close()
         self._fresh = False
         if os.path.exists(path):
             _truncate(path, step)
