@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
+from ._check import CheckReport, run_check, run_environment
 from ._envdiff import diff_fingerprints
 from ._fingerprint import fingerprint
-from ._seed import SEED_MAX, derive_seed
+from ._seed import SEED_MAX
 from ._version import __version__
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE = 0, 1, 2
@@ -98,19 +97,6 @@ def _cmd_env(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_environment(seed: int | None, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment `torchrepro run` gives its command: hash seed, cuBLAS config, seed."""
-    env = dict(os.environ if base is None else base)
-    if seed is None:
-        env["PYTHONHASHSEED"] = "0"
-    else:
-        hash_seed = seed if seed < 2**32 else derive_seed(seed, "pythonhashseed") % 2**32
-        env["PYTHONHASHSEED"] = str(hash_seed)
-        env["TORCHREPRO_SEED"] = str(seed)
-    env.setdefault(CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG)
-    return env
-
-
 def _exit_code(returncode: int) -> int:
     # A child killed by signal N reports -N; shells report 128 + N.
     return 128 - returncode if returncode < 0 else returncode
@@ -128,6 +114,64 @@ def _cmd_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return _exit_code(proc.wait())
         except KeyboardInterrupt:  # the child got SIGINT too; wait for it to finish
             proc.send_signal(signal.SIGINT)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _print_report(report: CheckReport) -> None:
+    print(report.verdict())
+    if report.error is not None:
+        failed = report.runs[-1] if report.runs else None
+        if failed is not None and failed.stderr_tail:
+            print(f"--- last lines of its stderr ({failed.directory / 'stderr.log'}):")
+            print(failed.stderr_tail)
+        return
+    for comparison in report.comparisons:
+        if not comparison.identical:
+            print(comparison.format())
+    names = ", ".join(f'"{r.spec.name}"' for r in report.runs)
+    print(f"runs: {names}")
+
+
+def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    command = _command(parser, args)
+    interactive = sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        if interactive:
+            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+        elif not line.endswith(" steps") or "done" in line:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        report = run_check(
+            command,
+            runs=args.runs,
+            vary=args.vary,
+            resume_at=args.resume_at,
+            keep=args.keep,
+            seed=args.seed,
+            progress=progress,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    if interactive:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report)
+    if report.error is not None:
+        return EXIT_USAGE
+    return EXIT_OK if report.reproducible else EXIT_DIFFERENT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +200,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_seed_arg, help="seed for TORCHREPRO_SEED and PYTHONHASHSEED")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     run.set_defaults(func=_cmd_run, parser=run)
+
+    check = sub.add_parser(
+        "check",
+        help="run a training command several ways and name the first step and tensor where runs diverge",
+        description="Run CMD --runs times, once more per further value of each --vary, and with "
+        "--resume-at K once stopped at step K and resumed in a fresh process; compare the traces "
+        "(torchrepro.Trace) bitwise. Exit 0: identical; 1: diverged; 2: usage error or a failed run.",
+    )
+    check.add_argument(
+        "--runs", type=_positive, default=2, help="runs with the base settings (default 2)"
+    )
+    check.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="num_workers (TORCHREPRO_NUM_WORKERS), seed (TORCHREPRO_SEED) or any env var; repeatable",
+    )
+    check.add_argument(
+        "--resume-at", type=_positive, metavar="K", help="also stop at step K and resume"
+    )
+    check.add_argument("--keep", metavar="DIR", help="keep traces, checkpoints and logs in DIR")
+    check.add_argument(
+        "--seed", type=_seed_arg, help="TORCHREPRO_SEED for every run (default: yours, or 0)"
+    )
+    check.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    check.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    check.set_defaults(func=_cmd_check, parser=check)
     return parser
 
 

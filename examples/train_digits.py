@@ -1,0 +1,161 @@
+"""Train a small CNN on scikit-learn's digits, bitwise reproducibly.
+
+The plain PyTorch loop, plus five torchrepro lines (marked ``# torchrepro``). Run it twice,
+with any num_workers, or stop and resume it: the trace and the final weights are identical.
+
+    torchrepro check --vary num_workers=0,2 --resume-at 37 -- python examples/train_digits.py
+
+Environment: ``TORCHREPRO_SEED`` (default 0 here), and the variables ``torchrepro check``
+sets (``TORCHREPRO_TRACE``, ``TORCHREPRO_CHECKPOINT``, ``TORCHREPRO_NUM_WORKERS``,
+``TORCHREPRO_STOP_AT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from sklearn.datasets import load_digits
+from torch import nn
+
+import torchrepro
+
+
+class Digits(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """8x8 digit images with random augmentation drawn in ``__getitem__``."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        x, y = load_digits(return_X_y=True)
+        self.images = torch.tensor(x[:limit], dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+        self.labels = torch.tensor(y[:limit])
+        self.augment = T.Compose(
+            [
+                T.RandomAffine(degrees=10, translate=(0.1, 0.1)),
+                T.RandomErasing(p=0.25, scale=(0.02, 0.1)),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.augment(self.images[index])  # torch's global RNG
+        noise = np.random.normal(0.0, 0.05, size=image.shape).astype(
+            np.float32
+        )  # NumPy's global RNG
+        return image + torch.from_numpy(noise), self.labels[index]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.25),
+            nn.Linear(32 * 4 * 4, 64),
+            nn.ReLU(),
+            nn.Dropout(0.25),
+            nn.Linear(64, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="TORCHREPRO_NUM_WORKERS overrides it"
+    )
+    parser.add_argument("--persistent-workers", action="store_true")
+    parser.add_argument("--checkpoint", default="runs/digits.pt")
+    parser.add_argument("--every", type=int, default=20, help="checkpoint every N steps")
+    parser.add_argument(
+        "--bf16", action="store_true", help="CPU autocast to bfloat16, with a GradScaler"
+    )
+    parser.add_argument(
+        "--save-final", default=None, help="write the final model/optimizer state here"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    os.environ.setdefault("TORCHREPRO_SEED", "0")
+    torchrepro.seed_everything()  # torchrepro
+    torchrepro.deterministic("strict")  # torchrepro
+
+    loader = torchrepro.DataLoader(  # torchrepro: instead of torch.utils.data.DataLoader
+        Digits(args.limit),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.num_workers,
+        persistent_workers=args.persistent_workers and args.num_workers > 0,
+    )
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=1e-2, total_steps=args.epochs * len(loader)
+    )
+    scaler = torch.amp.GradScaler("cpu", enabled=args.bf16)
+
+    trace = torchrepro.Trace()  # torchrepro: records checksums when TORCHREPRO_TRACE is set
+    ckpt = torchrepro.Checkpointer(  # torchrepro
+        args.checkpoint,
+        every=args.every,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        loader=loader,
+        trace=trace,
+    )
+    ckpt.resume()
+
+    loss = torch.zeros(())
+    for _epoch in range(loader.epoch, args.epochs):
+        model.train()
+        for images, labels in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            trace.step(loss=loss, model=model)
+            ckpt.step()
+
+    model.eval()
+    data = Digits(args.limit)
+    with torch.no_grad():
+        accuracy = (model(data.images).argmax(1) == data.labels).float().mean().item()
+    print(f"steps {ckpt.steps}  last loss {loss.item():.4f}  train accuracy {accuracy:.3f}")
+    final = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if args.save_final:
+        torch.save(final, args.save_final)
+    return final
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""`torchrepro check` end to end, on a tiny script run in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = str(Path(__file__).parent / "scripts" / "tiny_train.py")
+CLI = [sys.executable, "-m", "torchrepro", "check"]
+
+
+def _check(
+    args: list[str], tmp_path: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("TORCHREPRO_SEED", None)
+    return subprocess.run(
+        [*CLI, *args, "--", sys.executable, SCRIPT],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_clean_script_with_varied_workers_and_resume_is_reproducible(tmp_path):
+    proc = _check(
+        ["--vary", "num_workers=0,2", "--resume-at", "11", "--keep", str(tmp_path / "keep")],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "REPRODUCIBLE: 4 runs x 16 steps bitwise identical" in proc.stdout
+    runs = sorted(p.name for p in (tmp_path / "keep").iterdir())
+    assert runs == ["run1", "run2", "run3", "run4"]
+    assert (tmp_path / "keep" / "run4" / "checkpoint.pt").exists()
+    assert "run 4/4" in proc.stderr  # progress
+
+
+def test_one_ulp_nudge_at_step_7_is_named(tmp_path):
+    marker = tmp_path / "marker"
+    proc = _check(
+        ["--json"], tmp_path, env={"TINY_NUDGE_MARKER": str(marker), "TINY_NUDGE_STEP": "7"}
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    comparison = report["comparisons"][0]
+    assert comparison["first_step"] == 7
+    assert comparison["entries"][0]["name"] == "3.weight"
+    assert report["verdict"] == 'DIVERGED at step 7 (run "run 2" vs "run 1")'
+    text = _check(
+        [], tmp_path, env={"TINY_NUDGE_MARKER": str(tmp_path / "marker2"), "TINY_NUDGE_STEP": "7"}
+    )
+    assert text.returncode == 1
+    assert 'DIVERGED at step 7 (run "run 2" vs "run 1")' in text.stdout
+    assert "3.weight" in text.stdout
+
+
+def test_different_seeds_diverge(tmp_path):
+    proc = _check(["--runs", "1", "--vary", "seed=1,2"], tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert 'DIVERGED at step 1 (run "seed=2" vs "run 1")' in proc.stdout
+
+
+def test_crashing_command_exits_2_with_its_stderr(tmp_path):
+    proc = _check(["--runs", "1"], tmp_path, env={"TINY_CRASH": "1"})
+    assert proc.returncode == 2
+    assert "exited with status 1" in proc.stdout
+    assert "tiny_train crashed on purpose" in proc.stdout
+
+
+def test_command_without_trace_is_an_error(tmp_path):
+    proc = _check(["--runs", "1"], tmp_path, env={"TINY_NO_TRACE": "1"})
+    assert proc.returncode == 2
+    assert "recorded no trace: add `trace = torchrepro.Trace()`" in proc.stdout
+
+
+def test_resume_without_checkpointer_is_an_error(tmp_path):
+    proc = _check(["--runs", "1", "--resume-at", "3"], tmp_path, env={"TINY_NO_CHECKPOINT": "1"})
+    assert proc.returncode == 2
+    assert "wrote no checkpoint" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--vary", "num_workers"], "--vary must look like NAME=V1,V2"),
+        (["--runs", "0"], "must be an integer >= 1"),
+        (["--resume-at", "x"], "must be an integer >= 1"),
+    ],
+)
+def test_usage_errors(tmp_path, args, message):
+    proc = _check(args, tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_missing_command_is_usage_error():
+    proc = subprocess.run([*CLI, "--runs", "1"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "missing the command to run" in proc.stderr

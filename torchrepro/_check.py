@@ -1,0 +1,350 @@
+"""The check runner behind ``torchrepro check``: run a command several ways, compare traces.
+
+No printing here: progress goes to a callback, results come back as a :class:`CheckReport`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _envvars
+from ._compare import Comparison, TraceData, TraceError, compare_traces, read_trace
+from ._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
+from ._seed import derive_seed
+
+__all__ = ["CheckReport", "RunResult", "RunSpec", "plan_runs", "run_check", "run_environment"]
+
+# --vary names with a meaning of their own; any other NAME sets the environment variable NAME.
+VARY_ALIASES = {"num_workers": _envvars.NUM_WORKERS, "seed": _envvars.SEED}
+
+Progress = Callable[[str], None]
+
+
+def run_environment(seed: int | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a reproducible run gets: hash seed, cuBLAS config, and the seed.
+
+    ``PYTHONHASHSEED`` is the seed when it fits in 32 bits (else one derived from it), or
+    0 without a seed; ``CUBLAS_WORKSPACE_CONFIG`` is set unless already set.
+    """
+    env = dict(os.environ if base is None else base)
+    if seed is None:
+        env["PYTHONHASHSEED"] = "0"
+    else:
+        hash_seed = seed if seed < 2**32 else derive_seed(seed, "pythonhashseed") % 2**32
+        env["PYTHONHASHSEED"] = str(hash_seed)
+        env[_envvars.SEED] = str(seed)
+    env.setdefault(CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG)
+    return env
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One way to run the command: a name, extra environment, and an optional stop step."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    resume_at: int | None = None
+    resume_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """What one run left: its trace, exit status and the tail of its stderr."""
+
+    spec: RunSpec
+    returncode: int
+    trace: TraceData | None
+    stderr_tail: str
+    directory: Path
+    error: str | None = None
+
+
+@dataclass
+class CheckReport:
+    """The outcome of :func:`run_check`.
+
+    Attributes:
+        runs: every run's result, the reference first.
+        comparisons: each later run compared with the reference.
+        error: why the check could not be made (a run failed, no trace), or None.
+    """
+
+    runs: list[RunResult]
+    comparisons: list[Comparison]
+    error: str | None = None
+
+    @property
+    def reproducible(self) -> bool:
+        return self.error is None and all(c.identical for c in self.comparisons)
+
+    @property
+    def steps(self) -> int:
+        return len(self.runs[0].trace.records) if self.runs and self.runs[0].trace else 0
+
+    def verdict(self) -> str:
+        """``REPRODUCIBLE: 4 runs x 87 steps bitwise identical`` or the first divergence."""
+        if self.error is not None:
+            return f"ERROR: {self.error}"
+        diverged = [c for c in self.comparisons if not c.identical]
+        if not diverged:
+            return f"REPRODUCIBLE: {len(self.runs)} runs x {self.steps} steps bitwise identical"
+        first = min(diverged, key=lambda c: c.first_step if c.first_step is not None else 0)
+        return first.verdict
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reproducible": self.reproducible,
+            "verdict": self.verdict(),
+            "error": self.error,
+            "runs": [
+                {
+                    "name": r.spec.name,
+                    "env": r.spec.env,
+                    "resume_at": r.spec.resume_at,
+                    "returncode": r.returncode,
+                    "steps": len(r.trace.records) if r.trace else 0,
+                    "error": r.error,
+                }
+                for r in self.runs
+            ],
+            "comparisons": [c.to_dict() for c in self.comparisons],
+        }
+
+
+def _parse_vary(vary: Sequence[str]) -> list[tuple[str, str, list[str]]]:
+    parsed = []
+    for item in vary:
+        name, sep, values = item.partition("=")
+        choices = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not name.strip() or not choices:
+            raise ValueError(f"--vary must look like NAME=V1,V2,..., got {item!r}")
+        name = name.strip()
+        parsed.append((name, VARY_ALIASES.get(name, name), choices))
+    return parsed
+
+
+def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None) -> list[RunSpec]:
+    """The runs of a check.
+
+    ``runs`` runs with the base environment (the first value of each ``--vary`` applied),
+    one run per further value of each ``--vary``, and with ``resume_at`` one run stopped at
+    that step and resumed in a second process (with the last value of the first ``--vary``
+    for its second process, so resuming also changes, e.g., num_workers).
+
+    Raises:
+        ValueError: ``runs`` < 1, a malformed ``--vary``, or ``resume_at`` < 1.
+    """
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"--runs must be an integer >= 1, got {runs!r}")
+    if resume_at is not None and (isinstance(resume_at, bool) or resume_at < 1):
+        raise ValueError(f"--resume-at must be a step >= 1, got {resume_at!r}")
+    parsed = _parse_vary(vary)
+    base = {var: values[0] for _name, var, values in parsed}
+    specs = [RunSpec(f"run {i + 1}", dict(base)) for i in range(runs)]
+    for name, var, values in parsed:
+        for value in values[1:]:
+            specs.append(RunSpec(f"{name}={value}", {**base, var: value}))
+    if resume_at is not None:
+        resume_env = dict(base)
+        label = f"resume at {resume_at}"
+        if parsed and len(parsed[0][2]) > 1:
+            name, var, values = parsed[0]
+            resume_env[var] = values[-1]
+            label += f" ({name}={values[0]} -> {values[-1]})"
+        specs.append(RunSpec(label, dict(base), resume_at=resume_at, resume_env=resume_env))
+    return specs
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return max(sum(1 for _ in f) - 1, 0)  # minus the header line
+    except OSError:
+        return 0
+
+
+def _run_process(
+    command: Sequence[str],
+    env: dict[str, str],
+    directory: Path,
+    *,
+    label: str,
+    trace: Path,
+    progress: Progress | None,
+) -> int:
+    with open(directory / "stdout.log", "ab") as out, open(directory / "stderr.log", "ab") as err:
+        proc = subprocess.Popen(list(command), env=env, stdout=out, stderr=err)
+        stop = threading.Event()
+
+        def report() -> None:
+            while not stop.wait(1.0):
+                if progress is not None:
+                    progress(f"{label}: {_count_lines(trace)} steps")
+
+        watcher = threading.Thread(target=report, daemon=True)
+        watcher.start()
+        try:
+            return proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            stop.set()
+            watcher.join()
+
+
+def _execute(
+    command: Sequence[str],
+    spec: RunSpec,
+    directory: Path,
+    base_env: dict[str, str],
+    progress: Progress | None,
+) -> RunResult:
+    if directory.exists():
+        shutil.rmtree(directory)  # never a stale trace or checkpoint
+    directory.mkdir(parents=True)
+    trace_path, ckpt_path = directory / "trace.jsonl", directory / "checkpoint.pt"
+    env = {
+        **base_env,
+        **spec.env,
+        _envvars.TRACE: str(trace_path),
+        _envvars.CHECKPOINT: str(ckpt_path),
+    }
+    env.pop(_envvars.STOP_AT, None)
+    if spec.resume_at is not None:
+        code = _run_process(
+            command,
+            {**env, _envvars.STOP_AT: str(spec.resume_at)},
+            directory,
+            label=spec.name,
+            trace=trace_path,
+            progress=progress,
+        )
+        if code != 0:
+            return RunResult(
+                spec,
+                code,
+                None,
+                _tail(directory / "stderr.log"),
+                directory,
+                "the stopped run failed",
+            )
+        if not ckpt_path.exists():
+            return RunResult(
+                spec,
+                code,
+                None,
+                "",
+                directory,
+                f"--resume-at {spec.resume_at}: the command wrote no checkpoint; use torchrepro.Checkpointer "
+                "(it saves and exits at TORCHREPRO_STOP_AT) so the run can be stopped and resumed",
+            )
+        env = {**env, **spec.resume_env}
+    code = _run_process(command, env, directory, label=spec.name, trace=trace_path, progress=progress)
+    tail = _tail(directory / "stderr.log")
+    if code != 0:
+        return RunResult(spec, code, None, tail, directory, f"exited with status {code}")
+    if not trace_path.exists():
+        return RunResult(
+            spec,
+            code,
+            None,
+            tail,
+            directory,
+            "recorded no trace: add `trace = torchrepro.Trace()` and call `trace.step(loss=loss, model=model)` "
+            "once per training step (it writes to TORCHREPRO_TRACE)",
+        )
+    try:
+        trace = read_trace(trace_path)
+    except TraceError as exc:
+        return RunResult(spec, code, None, tail, directory, f"unreadable trace: {exc}")
+    if not trace.records:
+        return RunResult(
+            spec, code, None, tail, directory, "its trace has no steps: call trace.step() each step"
+        )
+    return RunResult(spec, code, trace, tail, directory)
+
+
+def run_check(
+    command: Sequence[str],
+    *,
+    runs: int = 2,
+    vary: Sequence[str] = (),
+    resume_at: int | None = None,
+    keep: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+    progress: Progress | None = None,
+) -> CheckReport:
+    """Run ``command`` several ways and compare every trace with the first.
+
+    Each run gets its own ``TORCHREPRO_TRACE`` and ``TORCHREPRO_CHECKPOINT`` in a fresh
+    directory, ``PYTHONHASHSEED`` and ``CUBLAS_WORKSPACE_CONFIG`` as ``torchrepro run``
+    sets them, and ``TORCHREPRO_SEED`` (``seed``, else the caller's ``TORCHREPRO_SEED``,
+    else 0). ``--vary num_workers=...`` sets ``TORCHREPRO_NUM_WORKERS``; ``seed=...`` sets
+    ``TORCHREPRO_SEED``; any other NAME sets the environment variable NAME.
+
+    Args:
+        command: the program and its arguments.
+        runs: runs with the base environment.
+        vary: ``"NAME=V1,V2,..."`` items (see :func:`plan_runs`).
+        resume_at: add a run stopped at this step and resumed in a second process.
+        keep: keep traces and logs in this directory (else a temporary one is removed).
+        seed: the seed for every run.
+        progress: called with a short status line while runs proceed.
+
+    Returns:
+        A :class:`CheckReport`; it stops at the first failed run.
+
+    Raises:
+        ValueError: bad ``runs``, ``vary`` or ``resume_at``; an empty command.
+    """
+    if not command:
+        raise ValueError("command must not be empty")
+    specs = plan_runs(runs, vary, resume_at)
+    if seed is None:
+        seed = _envvars.env_int(_envvars.SEED, low=0, high=2**64 - 1) or 0
+    base_env = run_environment(seed)
+    root = Path(keep) if keep is not None else Path(tempfile.mkdtemp(prefix="torchrepro-check-"))
+    root.mkdir(parents=True, exist_ok=True)
+    results: list[RunResult] = []
+    try:
+        for index, spec in enumerate(specs):
+            if progress is not None:
+                progress(f"run {index + 1}/{len(specs)}: {spec.name}")
+            result = _execute(command, spec, root / f"run{index + 1}", base_env, progress)
+            results.append(result)
+            if result.error is not None:
+                return CheckReport(results, [], f'run "{spec.name}" {result.error}')
+            if progress is not None and result.trace is not None:
+                progress(
+                    f"run {index + 1}/{len(specs)}: {spec.name}: done, {len(result.trace.records)} steps"
+                )
+        reference = results[0]
+        if reference.trace is None:  # unreachable: a run without a trace returned above
+            raise RuntimeError("reference run has no trace")
+        comparisons = [
+            compare_traces(reference.trace, r.trace, names=(reference.spec.name, r.spec.name))
+            for r in results[1:]
+            if r.trace is not None
+        ]
+        return CheckReport(results, comparisons)
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
