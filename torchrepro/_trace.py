@@ -7,6 +7,7 @@ most the step in flight. ``torchrepro check`` compares the traces of several run
 
 from __future__ import annotations
 
+import functools
 import json
 import numbers
 import os
@@ -40,6 +41,11 @@ def _loss_value(dtype: torch.dtype, raw: bytes) -> float | None:
     if not dtype.is_floating_point and not dtype.is_complex:
         return float(int.from_bytes(raw, "little", signed=dtype.is_signed))
     return None
+
+
+@functools.cache
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _as_tensor(value: object, what: str) -> torch.Tensor:
@@ -222,7 +228,7 @@ class Trace:
             entry: dict[str, Any] = {
                 "name": name,
                 "kind": kind,
-                "dtype": str(t.dtype).removeprefix("torch."),
+                "dtype": _dtype_name(t.dtype),
                 "shape": list(t.shape),
                 "checksum": f"{next(checksums):016x}",
                 "norm": json_float(next(norms)),
