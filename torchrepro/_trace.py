@@ -85,7 +85,9 @@ class Trace:
 
     The file starts with a header line (format version, torchrepro and torch versions,
     rank, world size, ``every``, ``grads``). A fresh ``Trace`` overwrites the file at its
-    first traced step; after :meth:`load_state_dict` it continues it instead.
+    first traced step; after :meth:`load_state_dict` it continues it instead. The file
+    stays open (``O_APPEND``, one unbuffered write per traced step) until :meth:`close`,
+    the end of a ``with`` block, or garbage collection.
 
     Under torch.distributed only rank 0 writes, unless ``per_rank=True`` or
     ``TORCHREPRO_TRACE_ALL_RANKS=1``: then every rank writes to ``<path>.rank<r>``. The
