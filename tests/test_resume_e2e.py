@@ -49,7 +49,7 @@ def _run(
 
 
 def _stop_then_resume(
-    tmp: Path, name: str, k: int, before: int, after: int, extra: list[str]
+    tmp: Path, name: str, k: int, *, before: int, after: int, extra: list[str]
 ) -> Path:
     stopped = _run(tmp, name, workers=before, extra=extra, env={"TORCHREPRO_STOP_AT": str(k)})
     assert not stopped.exists()  # the first process really ended at step k
@@ -68,7 +68,7 @@ def _assert_bitwise_equal(a: object, b: object, where: str = "") -> None:
             _assert_bitwise_equal(value, b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_bitwise_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
@@ -95,7 +95,7 @@ def reference(work: Path) -> dict:
 )
 def test_resume_is_bitwise_identical(work, reference, k, before, after, persistent):
     extra = ["--persistent-workers"] if persistent else []
-    final = _stop_then_resume(work, f"k{k}", k, before, after, extra)
+    final = _stop_then_resume(work, f"k{k}", k, before=before, after=after, extra=extra)
     _assert_bitwise_equal(reference, torch.load(final, weights_only=True), "final")
 
 
@@ -103,7 +103,7 @@ def test_resume_with_bf16_autocast_and_grad_scaler(work):
     reference = torch.load(
         _run(work, "bf16-reference", workers=0, extra=["--bf16"]), weights_only=True
     )
-    final = _stop_then_resume(work, "bf16", 9, 2, 0, ["--bf16"])
+    final = _stop_then_resume(work, "bf16", 9, before=2, after=0, extra=["--bf16"])
     _assert_bitwise_equal(reference, torch.load(final, weights_only=True), "final")
 
 
