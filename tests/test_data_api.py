@@ -114,16 +114,38 @@ def test_shuffle_must_be_bool() -> None:
         DataLoader(Draws(), shuffle="yes", seed=0)  # type: ignore[arg-type]
 
 
-def test_user_worker_init_fn_runs_after_ours() -> None:
-    loader = DataLoader(Draws(), batch_size=3, seed=0, num_workers=2, worker_init_fn=_record_worker)
-    assert torch.equal(
-        torch.cat(list(loader)), torch.cat(list(DataLoader(Draws(), batch_size=3, seed=0)))
-    )
-    assert _record_worker.__name__ in repr(loader.worker_init_fn.user_fn)
+_worker_draw = 0.0
 
 
 def _record_worker(worker_id: int) -> None:
-    random.random()  # draws from the worker's RNG; per-sample seeding overrides it
+    global _worker_draw
+    _worker_draw = random.random()  # reproducible: torchrepro seeded this worker first
+
+
+class WorkerDraw(Dataset[float]):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> float:
+        return _worker_draw
+
+
+def test_user_worker_init_fn_runs_after_ours() -> None:
+    def run(seed: int) -> list[float]:
+        loader = DataLoader(
+            WorkerDraw(), batch_size=None, seed=seed, num_workers=2, worker_init_fn=_record_worker
+        )
+        return [float(x) for x in loader]
+
+    first = run(0)
+    assert 0.0 not in first  # the user's function ran in each worker
+    assert len(set(first)) == 2  # once per worker, each with its own stream
+    assert run(1) != first
+    # A function of (seed, worker id) only: not of how many times workers were started.
+    loader = DataLoader(
+        WorkerDraw(), batch_size=None, seed=0, num_workers=2, worker_init_fn=_record_worker
+    )
+    assert [[float(x) for x in loader] for _ in range(3)] == [first] * 3
 
 
 # --- what frameworks see --------------------------------------------------------------

@@ -144,12 +144,25 @@ class MapWrapper(Dataset[Any]):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
+        # _Seeder.seed_globals(epoch, index), inlined: this runs once per sample.
+        global _current
         epoch, index = key
-        self._seeder.seed_globals(epoch, index)
+        seeder = self._seeder
+        data = (
+            seeder._prefix + b"i" + epoch.to_bytes(8, "little") + b"i" + index.to_bytes(8, "little")
+        )
+        digest = _blake2b(data, digest_size=32, person=_PERSON).digest()
+        sample, py, np_word, torch_word = _unpack4(digest)
+        _c_seed(_py_inst, py)
+        _py_inst.gauss_next = None
+        if seeder._np_seed is not None:
+            seeder._np_seed(np_word & _MASK32)
+        _torch_gen.manual_seed(torch_word)
+        _current = sample
         try:
             return self.dataset[index]
         finally:
-            _clear_current()
+            _current = None
 
 
 class IterableWrapper(IterableDataset[Any]):
