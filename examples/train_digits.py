@@ -5,6 +5,11 @@ with any num_workers, or stop and resume it: the trace and the final weights are
 
     torchrepro check --vary num_workers=0,2 --resume-at 37 -- python examples/train_digits.py
 
+Under torchrun it trains with DistributedDataParallel (gloo on CPU, NCCL on GPUs); each rank
+loads ``batch_size / world_size`` samples of every global batch:
+
+    torchrepro check -- torchrun --nproc-per-node 2 examples/train_digits.py
+
 Environment: ``TORCHREPRO_SEED`` (default 0 here), and the variables ``torchrepro check``
 sets (``TORCHREPRO_TRACE``, ``TORCHREPRO_CHECKPOINT``, ``TORCHREPRO_NUM_WORKERS``,
 ``TORCHREPRO_STOP_AT``).
@@ -98,15 +103,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def setup_distributed() -> int:
+    """Join the torchrun process group when launched by torchrun; return the world size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     os.environ.setdefault("TORCHREPRO_SEED", "0")
-    torchrepro.seed_everything()  # torchrepro
+    torchrepro.seed_everything()  # torchrepro: the same initial weights on every rank
     torchrepro.deterministic("strict")  # torchrepro
+    world = setup_distributed()
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
 
     loader = torchrepro.DataLoader(  # torchrepro: instead of torch.utils.data.DataLoader
         Digits(args.limit),
-        batch_size=args.batch_size,
+        batch_size=args.batch_size // world,
         shuffle=True,
         drop_last=True,
         num_workers=args.num_workers,
@@ -118,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer, max_lr=1e-2, total_steps=args.epochs * len(loader)
     )
     scaler = torch.amp.GradScaler("cpu", enabled=args.bf16)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+        torchrepro.seed_everything(per_rank=True)  # torchrepro: each rank its own dropout stream
 
     trace = torchrepro.Trace()  # torchrepro: records checksums when TORCHREPRO_TRACE is set
     ckpt = torchrepro.Checkpointer(  # torchrepro
@@ -137,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.train()
         for images, labels in loader:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss = F.cross_entropy(model(images), labels)
+                loss = F.cross_entropy(net(images), labels)
             optimizer.zero_grad()
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -150,10 +170,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = Digits(args.limit)
     with torch.no_grad():
         accuracy = (model(data.images).argmax(1) == data.labels).float().mean().item()
-    print(f"steps {ckpt.steps}  last loss {loss.item():.4f}  train accuracy {accuracy:.3f}")
+    if world == 1 or torch.distributed.get_rank() == 0:
+        print(f"steps {ckpt.steps}  last loss {loss.item():.4f}  train accuracy {accuracy:.3f}")
     final = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    if args.save_final:
+    if args.save_final and (world == 1 or torch.distributed.get_rank() == 0):
         torch.save(final, args.save_final)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return final
 
 
