@@ -8,6 +8,7 @@ to a temporary file in the same directory, are fsynced, and replace the old file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -211,12 +212,11 @@ def _warn_environment(path: Path, saved: Any) -> None:
         )
 
 
-def _restore_rng(path: Path, content: dict[str, Any], strict: bool) -> None:
-    states = content["rng"]
-    saved_world, world, rank = int(content.get("world_size", 1)), _dist.world_size(), _dist.rank()
+def _check_world_size(path: Path, content: dict[str, Any], strict: bool) -> bool:
+    """Whether the world size changed since the save (raises under ``strict``)."""
+    saved_world, world = int(content.get("world_size", 1)), _dist.world_size()
     if saved_world == world:
-        set_rng_state(states[rank] if len(states) > rank else states[0], strict=strict)
-        return
+        return False
     message = f"checkpoint {str(path)!r} was saved with world size {saved_world}, this run has world size {world}"
     if strict:
         raise CheckpointError(
@@ -226,12 +226,20 @@ def _restore_rng(path: Path, content: dict[str, Any], strict: bool) -> None:
     warnings.warn(
         message + "; each rank's random streams are re-derived from the seed (not the saved ones)",
         TorchreproWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
-    seed = int(os.environ.get(_envvars.SEED, "0") or 0)
+    return True
+
+
+def _restore_rng(content: dict[str, Any], strict: bool, resized: bool) -> None:
+    states, rank = content["rng"], _dist.rank()
+    if not resized:
+        set_rng_state(states[rank] if len(states) > rank else states[0], strict=strict)
+        return
+    seed = _envvars.env_int(_envvars.SEED, low=0, high=2**64 - 1) or 0
     steps = int(content.get("meta", {}).get("steps", 0))
-    set_rng_state(states[0], strict=False)  # Python/NumPy/CUDA layout from rank 0, then reseed
-    py, tr = derive_words(seed, "resume", world, rank, steps, words=2)
+    set_rng_state(states[0], strict=False)  # NumPy/CUDA layout from rank 0, then reseed per rank
+    py, tr = derive_words(seed, "resume", _dist.world_size(), rank, steps, words=2)
     random.seed(py)
     torch.manual_seed(tr)
 
@@ -241,6 +249,7 @@ def _load(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     _check_objects(objects)
     content = _read(path)
+    resized = _check_world_size(path, content, strict)  # before anything is loaded
     saved: dict[str, Any] = content["objects"]
     missing = sorted(set(objects) - set(saved))
     unexpected = sorted(set(saved) - set(objects))
@@ -255,16 +264,17 @@ def _load(
             raise CheckpointError(message + "; pass strict=False to load the names both have")
         warnings.warn(message + "; loaded the names both have", TorchreproWarning, stacklevel=3)
     _warn_environment(path, content.get("fingerprint"))
-    for name, obj in objects.items():
-        if name not in saved:
-            continue
-        try:
-            obj.load_state_dict(saved[name])
-        except Exception as exc:
-            raise CheckpointError(
-                f"loading {name}= from checkpoint {str(path)!r} failed: {exc}"
-            ) from exc
-    _restore_rng(path, content, strict)  # last: nothing may draw between this and the loop
+    with _dist.world_size_change_allowed() if resized else contextlib.nullcontext():
+        for name, obj in objects.items():
+            if name not in saved:
+                continue
+            try:
+                obj.load_state_dict(saved[name])
+            except Exception as exc:
+                raise CheckpointError(
+                    f"loading {name}= from checkpoint {str(path)!r} failed: {exc}"
+                ) from exc
+    _restore_rng(content, strict, resized)  # last: nothing may draw between this and the loop
     return dict(content.get("extra", {})), dict(content.get("meta", {}))
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -25,3 +28,25 @@ def world_size() -> int:
     if is_distributed():
         return int(torch.distributed.get_world_size())
     return 1
+
+
+_WORLD_SIZE_CHANGE = contextvars.ContextVar("torchrepro_world_size_change", default=False)
+
+
+@contextlib.contextmanager
+def world_size_change_allowed() -> Iterator[None]:
+    """Within this block, state dicts saved under another world size may be loaded.
+
+    ``load_checkpoint(strict=False)`` opens it; stateful objects that know a world size
+    (``torchrepro.DataLoader``) consult :func:`world_size_change_is_allowed`.
+    """
+    token = _WORLD_SIZE_CHANGE.set(True)
+    try:
+        yield
+    finally:
+        _WORLD_SIZE_CHANGE.reset(token)
+
+
+def world_size_change_is_allowed() -> bool:
+    """Whether the caller is inside :func:`world_size_change_allowed`."""
+    return _WORLD_SIZE_CHANGE.get()
