@@ -336,10 +336,13 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
             key = (t.device, low)
             groups.setdefault(key, []).append(reduced)
             positions.setdefault(key, []).append(i)
-        for (_, low), batch in groups.items():
+        for (device, low), batch in groups.items():
             norms = torch._foreach_norm(batch, 2, dtype=torch.float32 if low else None)
-            values = torch.stack(norms).to(torch.float64).tolist()
-            for i, v in zip(positions[(_, low)], values, strict=True):
+            if device.type == "cpu":  # cheaper than stacking 0-d tensors
+                values = [float(n) for n in norms]
+            else:  # one transfer per device
+                values = torch.stack(norms).to(torch.float64).tolist()
+            for i, v in zip(positions[(device, low)], values, strict=True):
                 out[i] = float(v)
     return out
 
