@@ -334,7 +334,8 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
             state: a dict from :meth:`state_dict`.
             strict: with ``False``, a state saved under another world size is accepted,
                 and the position is rounded down to a whole global batch of this world
-                size (samples may repeat, none are skipped).
+                size (samples may repeat, none are skipped). ``load_checkpoint(strict=False)``
+                implies it (through ``_dist.world_size_change_allowed``).
 
         Raises:
             TypeError: ``state`` or one of its values has the wrong type.
@@ -363,7 +364,7 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
             seed=self._repro_seed,
             order=cast(KeySampler, self.sampler).order,
             batch_size=self.batch_size,
-            strict=strict,
+            strict=strict and not _dist.world_size_change_is_allowed(),
         )
         self.set_epoch(epoch)
         self._repro_batch = batches
