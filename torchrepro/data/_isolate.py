@@ -16,7 +16,8 @@ from __future__ import annotations
 import ctypes
 import random
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 
@@ -93,3 +94,52 @@ def restore_globals(state: tuple[Any, Any, torch.Tensor]) -> None:
         if np is not None:
             np.restore(np_saved)
     _torch_gen.set_state(torch_state)
+
+
+class _Loader(Protocol):
+    num_workers: int
+
+    def __len__(self) -> int: ...
+    def _received(self, gen: int) -> None: ...
+    def _exhausted(self, gen: int, empty: bool) -> None: ...
+
+
+class LoaderIter:
+    """Counts the batches the caller receives; isolates the global RNGs with num_workers=0."""
+
+    def __init__(self, loader: _Loader, inner: Iterator[Any], gen: int, remaining: int) -> None:
+        self._loader = loader
+        self._inner = inner
+        self._gen = gen
+        self._remaining = remaining
+        self._empty = remaining == 0
+        self._done = False
+        self._isolate = loader.num_workers == 0
+
+    def __iter__(self) -> LoaderIter:
+        return self
+
+    def __len__(self) -> int:
+        if self._remaining >= 0:
+            return self._remaining
+        return len(self._loader)
+
+    def __next__(self) -> Any:
+        try:
+            if self._isolate:
+                saved = save_globals()
+                try:
+                    batch = next(self._inner)
+                finally:
+                    restore_globals(saved)
+            else:
+                batch = next(self._inner)
+        except StopIteration:
+            if not self._done:
+                self._done = True
+                self._loader._exhausted(self._gen, self._empty)
+            raise
+        if self._remaining > 0:
+            self._remaining -= 1
+        self._loader._received(self._gen)
+        return batch

@@ -2,60 +2,23 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
-from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 from torch.utils.data import IterableDataset
 
-from .. import _dist, _envvars
+from .. import _dist
 from .._errors import TorchreproError, TorchreproWarning
-from .._seed import SEED_MAX, derive_seed, validate_seed
+from .._seed import derive_seed
 from . import _state
 from ._inspect import find_rngs
-from ._isolate import restore_globals, save_globals
+from ._isolate import LoaderIter
+from ._options import check_arguments, resolve_seed, resolve_workers
 from ._sampler import KeySampler, Order
 from ._seeding import IterableWrapper, MapWrapper, WorkerInit
 
 __all__ = ["DataLoader"]
-
-log = logging.getLogger("torchrepro")
-
-_REFUSED = {
-    "sampler": "the sample order must be torchrepro's own, so that it is a function of "
-    "(seed, epoch) and can be resumed; use shuffle=True/False",
-    "batch_sampler": "the sample order must be torchrepro's own, so that it is a function of "
-    "(seed, epoch) and can be resumed; use batch_size and drop_last",
-    "generator": "torchrepro owns the loader's generators, derived from seed=",
-}
-# Arguments torch refuses with num_workers=0; dropped when TORCHREPRO_NUM_WORKERS sets 0.
-_WORKER_ONLY = ("persistent_workers", "prefetch_factor", "multiprocessing_context", "timeout")
-
-
-def _resolve_seed(seed: int | None) -> int:
-    if seed is None:
-        seed = _envvars.env_int(_envvars.SEED, low=0, high=SEED_MAX)
-        if seed is None:
-            raise ValueError(
-                "torchrepro.DataLoader needs a seed: pass seed=<int>, or call "
-                f"torchrepro.seed_everything(seed) first (it sets {_envvars.SEED})"
-            )
-    return validate_seed(seed)
-
-
-def _resolve_workers(kwargs: dict[str, Any]) -> None:
-    forced = _envvars.env_int(_envvars.NUM_WORKERS, low=0)
-    if forced is None:
-        return
-    log.info("torchrepro: %s=%d replaces num_workers", _envvars.NUM_WORKERS, forced)
-    kwargs["num_workers"] = forced
-    if forced == 0:
-        for name in _WORKER_ONLY:
-            if kwargs.get(name) not in (None, False, 0):
-                log.info("torchrepro: num_workers is 0, so %s=%r is dropped", name, kwargs[name])
-            kwargs.pop(name, None)
 
 
 class DataLoader(torch.utils.data.DataLoader[Any]):
@@ -130,18 +93,9 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
-        for name, why in _REFUSED.items():
-            if kwargs.get(name) is not None:
-                raise ValueError(f"torchrepro.DataLoader does not accept {name}=: {why}")
-        if kwargs.pop("in_order", True) is not True:
-            raise ValueError(
-                "torchrepro.DataLoader does not accept in_order=False: batches delivered "
-                "out of order depend on worker timing, so runs would differ"
-            )
-        if shuffle is not None and not isinstance(shuffle, bool):
-            raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__} {shuffle!r}")
-        seed = _resolve_seed(seed)
-        _resolve_workers(kwargs)
+        check_arguments(shuffle, kwargs)
+        seed = resolve_seed(seed)
+        resolve_workers(kwargs)
         self._repro_seed = seed
         self._repro_building = False
         self._repro_gen = 0  # iterators older than the newest one do not move the position
@@ -250,7 +204,7 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
         self._repro_gen += 1
         self._repro_epoch, self._repro_batch, self._repro_items = epoch, 0, 0
 
-    def __iter__(self) -> _LoaderIter:  # type: ignore[override]
+    def __iter__(self) -> LoaderIter:  # type: ignore[override]
         self._repro_gen += 1
         if self._repro_iterable:
             wrapper = cast(IterableWrapper, self._repro_wrapper)
@@ -263,7 +217,7 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
             sampler.epoch, sampler.start_batch = self._repro_epoch, self._repro_batch
             remaining = sampler.order.batches_per_epoch() - self._repro_batch
         inner = super().__iter__()
-        return _LoaderIter(self, inner, self._repro_gen, remaining)
+        return LoaderIter(self, inner, self._repro_gen, remaining)
 
     def _received(self, gen: int) -> None:
         """The caller received a batch from the iterator of generation ``gen``."""
@@ -383,44 +337,3 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
                 "IterableDataset can only be resumed when it has state_dict() and "
                 "load_state_dict() of its own"
             )
-
-
-class _LoaderIter:
-    """Counts the batches the caller receives; isolates the global RNGs with num_workers=0."""
-
-    def __init__(self, loader: DataLoader, inner: Iterator[Any], gen: int, remaining: int) -> None:
-        self._loader = loader
-        self._inner = inner
-        self._gen = gen
-        self._remaining = remaining
-        self._empty = remaining == 0
-        self._done = False
-        self._isolate = loader.num_workers == 0
-
-    def __iter__(self) -> _LoaderIter:
-        return self
-
-    def __len__(self) -> int:
-        if self._remaining >= 0:
-            return self._remaining
-        return len(self._loader)
-
-    def __next__(self) -> Any:
-        try:
-            if self._isolate:
-                saved = save_globals()
-                try:
-                    batch = next(self._inner)
-                finally:
-                    restore_globals(saved)
-            else:
-                batch = next(self._inner)
-        except StopIteration:
-            if not self._done:
-                self._done = True
-                self._loader._exhausted(self._gen, self._empty)
-            raise
-        if self._remaining > 0:
-            self._remaining -= 1
-        self._loader._received(self._gen)
-        return batch
