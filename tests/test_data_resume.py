@@ -197,7 +197,7 @@ def test_world_size_change_needs_strict_false() -> None:
     position=st.integers(0, 50),
     epoch=st.integers(0, 3),
 )
-def test_state_round_trip(  # noqa: PLR0917 (hypothesis passes the drawn values)
+def test_state_round_trip(
     n: int, batch: int, drop_last: bool, shuffle: bool, position: int, epoch: int
 ) -> None:
     def make() -> DataLoader:
