@@ -55,8 +55,14 @@ def _restore_flags(flags: dict[str, Any]) -> None:
 
 
 def _env() -> dict[str, str]:
-    # pytest's own variable, and a cache dir torch exports lazily on first use of inductor config.
-    ignored = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+    # pytest's own variable, a cache dir torch exports lazily on first use of inductor config,
+    # and the OpenMP switches scikit-learn exports when first imported.
+    ignored = (
+        "PYTEST_CURRENT_TEST",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "KMP_DUPLICATE_LIB_OK",
+        "KMP_INIT_AT_FORK",
+    )
     return {k: v for k, v in os.environ.items() if k not in ignored}
 
 
