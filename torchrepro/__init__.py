@@ -9,7 +9,7 @@ verification (``_checksum``, ``_trace``, ``_compare``, ``_audit``, ``_check``), 
 from ._audit import AuditReport, audit
 from ._checkpoint import Checkpointer, Stateful, load_checkpoint, save_checkpoint
 from ._checksum import tensor_checksum
-from ._compare import Comparison, TraceData, TraceError, compare_traces, read_trace
+from ._compare import Comparison, TraceData, compare_traces, read_trace
 from ._determinism import DeterminismSettings, deterministic
 from ._envdiff import Difference, diff_fingerprints
 from ._errors import (
@@ -18,6 +18,7 @@ from ._errors import (
     RNGStateError,
     TorchreproError,
     TorchreproWarning,
+    TraceError,
 )
 from ._fingerprint import fingerprint
 from ._rng import get_rng_state, isolated_rng, set_rng_state

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import _envvars
-from ._compare import Comparison, TraceData, TraceError, compare_traces, read_trace
+from ._compare import Comparison, TraceData, compare_traces, read_trace
 from ._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
+from ._errors import TraceError
 from ._seed import derive_seed
 
 __all__ = ["CheckReport", "RunResult", "RunSpec", "plan_runs", "run_check", "run_environment"]
@@ -257,7 +258,9 @@ def _execute(
                 "(it saves and exits at TORCHREPRO_STOP_AT) so the run can be stopped and resumed",
             )
         env = {**env, **spec.resume_env}
-    code = _run_process(command, env, directory, label=spec.name, trace=trace_path, progress=progress)
+    code = _run_process(
+        command, env, directory, label=spec.name, trace=trace_path, progress=progress
+    )
     tail = _tail(directory / "stderr.log")
     if code != 0:
         return RunResult(spec, code, None, tail, directory, f"exited with status {code}")

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import TorchreproError
+from ._errors import TraceError
 
 __all__ = [
     "Comparison",
@@ -27,10 +27,6 @@ __all__ = [
 
 TRACE_FORMAT = "torchrepro-trace"
 TRACE_VERSION = 1
-
-
-class TraceError(TorchreproError):
-    """A trace file is missing, is not a torchrepro trace, or is corrupted."""
 
 
 def json_float(value: float | None) -> float | str | None:

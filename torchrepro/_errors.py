@@ -12,6 +12,7 @@ __all__ = [
     "RNGStateError",
     "TorchreproError",
     "TorchreproWarning",
+    "TraceError",
 ]
 
 
@@ -29,6 +30,10 @@ class RNGStateError(TorchreproError):
 
 class CheckpointError(TorchreproError):
     """A checkpoint file is missing, torn, corrupted, or does not match the objects."""
+
+
+class TraceError(TorchreproError):
+    """A trace file is missing, is not a torchrepro trace, or is corrupted."""
 
 
 class TorchreproWarning(UserWarning):
