@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def folk_recipe_loader(dataset: Digits, **kwargs: Any) -> torch.utils.data.DataLoader[Any]:
+    """The recipe from PyTorch's reproducibility notes: a seeded generator, seeded workers."""
+
+    def seed_worker(worker_id: int) -> None:
+        worker_seed = torch.initial_seed() % 2**32
+        np.random.seed(worker_seed)
+        random.seed(worker_seed)
+
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    return torch.utils.data.DataLoader(
+        dataset, worker_init_fn=seed_worker, generator=generator, **kwargs
+    )
+
+
 def setup_distributed() -> int:
     """Join the torchrun process group when launched by torchrun; return the world size."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -118,16 +134,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torchrepro.deterministic("strict")  # torchrepro
     world = setup_distributed()
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
+        raise SystemExit(
+            f"--batch-size {args.batch_size} must be divisible by the world size {world}"
+        )
 
-    loader = torchrepro.DataLoader(  # torchrepro: instead of torch.utils.data.DataLoader
-        Digits(args.limit),
-        batch_size=args.batch_size // world,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.num_workers,
-        persistent_workers=args.persistent_workers and args.num_workers > 0,
-    )
+    loader_args: dict[str, Any] = {
+        "batch_size": args.batch_size // world,
+        "shuffle": True,
+        "drop_last": True,
+        "num_workers": args.num_workers,
+        "persistent_workers": args.persistent_workers and args.num_workers > 0,
+    }
+    if args.folk_recipe:  # honour the checker's num_workers here too, for a fair comparison
+        loader_args["num_workers"] = int(os.environ.get("TORCHREPRO_NUM_WORKERS", args.num_workers))
+        loader_args["persistent_workers"] &= loader_args["num_workers"] > 0
+        loader = folk_recipe_loader(Digits(args.limit), **loader_args)
+    else:
+        loader = torchrepro.DataLoader(Digits(args.limit), **loader_args)  # torchrepro
     model = Net()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -140,20 +163,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torchrepro.seed_everything(per_rank=True)  # torchrepro: each rank its own dropout stream
 
     trace = torchrepro.Trace()  # torchrepro: records checksums when TORCHREPRO_TRACE is set
-    ckpt = torchrepro.Checkpointer(  # torchrepro
-        args.checkpoint,
-        every=args.every,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        loader=loader,
-        trace=trace,
-    )
+    objects = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "trace": trace,
+    }
+    if not args.folk_recipe:  # torch's DataLoader cannot save its position
+        objects["loader"] = loader
+    ckpt = torchrepro.Checkpointer(args.checkpoint, every=args.every, **objects)  # torchrepro
     ckpt.resume()
 
     loss = torch.zeros(())
-    for _epoch in range(loader.epoch, args.epochs):
+    for _epoch in range(getattr(loader, "epoch", 0), args.epochs):
         model.train()
         for images, labels in loader:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):

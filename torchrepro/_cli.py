@@ -126,12 +126,13 @@ def _positive(text: str) -> int:
     return value
 
 
-def _print_report(report: CheckReport) -> None:
+def _print_report(report: CheckReport, kept: bool) -> None:
     print(report.verdict())
     if report.error is not None:
         failed = report.runs[-1] if report.runs else None
         if failed is not None and failed.stderr_tail:
-            print(f"--- last lines of its stderr ({failed.directory / 'stderr.log'}):")
+            where = f" ({failed.directory / 'stderr.log'})" if kept else ""
+            print(f"--- last lines of its stderr{where}:")
             print(failed.stderr_tail)
         return
     for comparison in report.comparisons:
@@ -168,7 +169,7 @@ def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_report(report)
+        _print_report(report, kept=args.keep is not None)
     if report.error is not None:
         return EXIT_USAGE
     return EXIT_OK if report.reproducible else EXIT_DIFFERENT
