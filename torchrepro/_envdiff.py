@@ -76,7 +76,10 @@ _RULES: tuple[tuple[str, int, str], ...] = (
 )
 
 _HARMLESS: tuple[tuple[str, str], ...] = (
-    ("env.TORCHREPRO_NUM_WORKERS", "num_workers: torchrepro.DataLoader's results do not depend on it"),
+    (
+        "env.TORCHREPRO_NUM_WORKERS",
+        "num_workers: torchrepro.DataLoader's results do not depend on it",
+    ),
     ("env.CUDA_LAUNCH_BLOCKING", "changes timing and error reporting, not results"),
     (
         "env.CUDA_VISIBLE_DEVICES",
