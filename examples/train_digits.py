@@ -101,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--save-final", default=None, help="write the final model/optimizer state here"
     )
+    parser.add_argument(
+        "--folk-recipe",
+        action="store_true",
+        help="load data the classic way (torch DataLoader, seeded generator and worker_init_fn), to compare",
+    )
     return parser.parse_args(argv)
 
 
