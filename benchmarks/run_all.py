@@ -7,15 +7,15 @@ plain torch ``DataLoader``; torch + Lightning's ``pl_worker_init_function`` (wha
 
 1. Loader throughput (samples/s, ratio to plain torch): 64x64 uint8 RGB images through
    torchvision v2 RandomResizedCrop + flip + ColorJitter, and a dataset of scalar tensors;
-   num_workers 0 and 2 (persistent, fork), batch 64, shuffled. The main process runs one
-   torch thread here (as workers do; two threads on a busy 2-core machine thrash).
+   num_workers 0 and 2 (persistent, fork), batch 64, shuffled.
 2. Mid-epoch resume at 10/50/90% of a 1,000,000-sample epoch (batch 256, 0 workers, a
    dataset returning its index, so the time is the loader's own): a fresh loader, its
    ``load_state_dict`` and the first batch (torchrepro, StatefulDataLoader), against
    skipping k batches by iterating (torch; the transformers/accelerate way). The
    StatefulDataLoader states come from a loader that iterated there; torchrepro's are
    written from its documented keys (``batches_received``, ``samples_consumed``) and
-   checked, at 10%, against one that iterated. Skipping is capped by a time budget and
+   checked, at 10%, against one that iterated. Lightning has no loader state of its own
+   (its loops use the loader's). Skipping is capped by a time budget and
    extrapolated beyond it (marked "est."). One more row estimates skipping 90% on the
    image pipeline, from section 1's throughput with 2 workers.
 3. Correctness, measured: a dataset drawing from torch, NumPy and ``random`` in
@@ -32,6 +32,8 @@ plain torch ``DataLoader``; torch + Lightning's ``pl_worker_init_function`` (wha
    ``trace_overhead.py``: the example-sized CNN (batch 64) and the ~5M-parameter MLP.
 
 Repeats are interleaved (ABBA order) and medians reported; the machine may be shared.
+Everything runs with one torch thread unless ``--threads`` says otherwise (loader workers
+use one anyway; on a small shared machine more threads thrash and swamp the ratios).
 
     python benchmarks/run_all.py            # about 3 minutes on 2 cores
     python benchmarks/run_all.py --quick    # under a minute, noisier
@@ -120,6 +122,13 @@ SIZES = {
         trace=((2, 2), (2, 1)),
     ),
 }
+
+
+_START = time.perf_counter()
+
+
+def _elapsed() -> str:
+    return f"{time.perf_counter() - _START:.0f} s"
 
 
 def log(message: str) -> None:
@@ -212,6 +221,8 @@ class Row:
     def __init__(self, section: int, what: str, peers: Peers, default: str = "n/a") -> None:
         self.section, self.what = section, what
         self.cells = {c: (default if peers.has(c) else NOT_INSTALLED) for c in COLUMNS}
+        if section == 2 and peers.has(LIGHTNING):
+            self.cells[LIGHTNING] = "n/a (torch's loader)"
 
     def set(self, column: str, text: str) -> None:
         if self.cells[column] != NOT_INSTALLED:
@@ -243,7 +254,7 @@ def throughput(peers: Peers, sizes: Sizes) -> tuple[list[Row], dict[str, float]]
     ]
     for label, factory, per_workers in cases:
         for workers, n in zip((0, 2), per_workers, strict=True):
-            log(f"1. throughput: {label}, {workers} workers, {n} samples")
+            log(f"1. throughput: {label}, {workers} workers, {n} samples ({_elapsed()})")
             dataset = factory(n)
             loaders = {
                 c: make_loader(
@@ -335,7 +346,7 @@ def resume(peers: Peers, sizes: Sizes, image_rates: dict[str, float]) -> list[Ro
 
     rows = []
     for fraction, k in zip(FRACTIONS, ks, strict=True):
-        log(f"2. resume at {fraction:.0%}: {k} batches of {RESUME_BATCH}")
+        log(f"2. resume at {fraction:.0%}: {k} batches of {RESUME_BATCH} ({_elapsed()})")
         extrapolated: list[bool] = []
         measures: dict[str, Callable[[], float]] = {
             TORCH: _skip(make(TORCH), k, sizes.skip_budget_s, extrapolated),
@@ -454,7 +465,7 @@ def correctness(peers: Peers) -> list[Row]:
     for column in COLUMNS:
         if not peers.has(column):
             continue
-        log(f"3. correctness: {column}")
+        log(f"3. correctness: {column} ({_elapsed()})")
         full: dict[int, list[torch.Tensor]] = {}
         for workers in (0, 2):
             batches, checkpoint = _run(peers, column, workers)
@@ -475,7 +486,7 @@ def _yes(value: bool) -> str:
 
 
 def rng_state(peers: Peers, sizes: Sizes) -> list[Row]:
-    log("4. RNG state capture + restore")
+    log(f"4. RNG state capture + restore ({_elapsed()})")
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
     def fork() -> None:
@@ -530,7 +541,7 @@ def trace(peers: Peers, sizes: Sizes) -> list[Row]:
         for i, ((name, model, shape, batch), (blocks, per_block)) in enumerate(
             zip(cases, sizes.trace, strict=True)
         ):
-            log(f"5. Trace overhead: {name}")
+            log(f"5. Trace overhead: {name} ({_elapsed()})")
             x, y = torch.randn(shape), torch.randint(0, 10, (batch,))
             model.train()
             traced, disabled, _ = measure(
@@ -554,6 +565,13 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--quick", action="store_true", help="fewer samples and repeats (< 1 min)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads for the run (default 1, as in loader workers: on a small "
+        "shared machine more threads thrash)",
+    )
+    parser.add_argument(
         "--sections",
         default=",".join(map(str, SECTIONS)),
         help="comma-separated sections to run (default: all)",
@@ -575,23 +593,16 @@ def main(argv: list[str] | None = None) -> None:
         "torchdata": peers.torchdata,
         "torchrepro": torchrepro.__version__,
     }
-    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     rows: list[Row] = []
     image_rates: dict[str, float] = {}
-    torch.set_num_threads(1)  # loader sections; workers run one thread too
-    try:
-        if 1 in sections:
-            section_rows, image_rates = throughput(peers, sizes)
-            rows += section_rows
-            log(f"   {time.perf_counter() - start:.0f} s")
-        if 2 in sections:
-            rows += resume(peers, sizes, image_rates)
-            log(f"   {time.perf_counter() - start:.0f} s")
-        if 3 in sections:
-            rows += correctness(peers)
-            log(f"   {time.perf_counter() - start:.0f} s")
-    finally:
-        torch.set_num_threads(threads)
+    if 1 in sections:
+        section_rows, image_rates = throughput(peers, sizes)
+        rows += section_rows
+    if 2 in sections:
+        rows += resume(peers, sizes, image_rates)
+    if 3 in sections:
+        rows += correctness(peers)
     if 4 in sections:
         rows += rng_state(peers, sizes)
     if 5 in sections:
@@ -599,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     header = ["§", "measure", "torch", "torch + Lightning", "torchdata", "torchrepro"]
     print(
         f"torchrepro benchmarks ({name}): {_common.machine_line(versions)}; "
-        f"{threads} torch threads (1 in sections 1-3)"
+        f"{torch.get_num_threads()} torch thread(s)"
     )
     print()
     print(_common.markdown_table(header, [r.as_list() for r in rows]))
