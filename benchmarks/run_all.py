@@ -208,6 +208,8 @@ def make_loader(
 
 
 def seconds(duration: float) -> str:
+    if duration >= 120:
+        return f"{duration / 60:.1f} min"
     if duration >= 1:
         return f"{duration:.2f} s"
     if duration >= 1e-3:
