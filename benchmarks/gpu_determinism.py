@@ -17,9 +17,12 @@ Under ``torchrepro.deterministic("off")``, ``"strict"`` and strict with
 cuBLAS reads it only then; it therefore applies to every mode, "off" included, as it does
 under ``torchrepro run``.
 
-    python benchmarks/gpu_determinism.py                      # CUDA, about a minute on an H100
+    python benchmarks/gpu_determinism.py                      # CUDA; repeats stop at 150 s
     python benchmarks/gpu_determinism.py --quick              # CUDA, fewer repeats
     python benchmarks/gpu_determinism.py --device cpu --quick # tiny sizes: a smoke test
+
+Sized for well under 4 minutes on one H100 (by estimate: it has not run on a GPU yet).
+Every cell that raises (an op strict mode refuses) shows the error instead of a number.
 """
 
 from __future__ import annotations
