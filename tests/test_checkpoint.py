@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,7 +86,8 @@ def test_roundtrip_restores_objects_extra_and_rng(tmp_path):
 def test_file_loads_with_weights_only_and_has_metadata(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(path, counter=Counter(1))
-    content = ckpt_mod._read(path)
+    content, digest = ckpt_mod.read_checkpoint(path)
+    assert len(digest) == 64
     assert content["format_version"] == ckpt_mod.FORMAT_VERSION
     assert content["fingerprint"]["torch"]["version"] == str(torch.__version__)
     assert "deterministic_algorithms" in content["determinism"]
@@ -191,8 +194,23 @@ def test_world_size_mismatch(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod._dist, "world_size", lambda: 2)
     with pytest.raises(CheckpointError, match="saved with world size 1, this run has world size 2"):
         load_checkpoint(tmp_path / "c.pt", counter=Counter())
-    with isolated_rng(), pytest.warns(TorchreproWarning, match="re-derived from the seed"):
-        load_checkpoint(tmp_path / "c.pt", strict=False, counter=Counter())
+    monkeypatch.setenv("TORCHREPRO_SEED", "5")
+    with isolated_rng():
+        with pytest.warns(TorchreproWarning, match="re-derived from the seed"):
+            load_checkpoint(tmp_path / "c.pt", strict=False, counter=Counter())
+        rank0 = (random.random(), float(np.random.random()), torch.rand(2))
+        monkeypatch.setattr(ckpt_mod._dist, "group_rank", lambda: 1)
+        with pytest.warns(TorchreproWarning, match="re-derived from the seed"):
+            Checkpointer(tmp_path / "c.pt", every=1, counter=Counter()).resume(strict=False)
+        rank1 = (random.random(), float(np.random.random()), torch.rand(2))
+        # Every library's stream is re-derived per rank, NumPy's included.
+        assert rank0[0] != rank1[0] and rank0[1] != rank1[1] and not torch.equal(rank0[2], rank1[2])
+        monkeypatch.delenv("TORCHREPRO_SEED")
+        with (
+            pytest.warns(TorchreproWarning),
+            pytest.raises(CheckpointError, match="needs the run's seed"),
+        ):
+            load_checkpoint(tmp_path / "c.pt", strict=False, counter=Counter())
 
 
 def test_checkpointer_every_and_resume(tmp_path):
@@ -219,10 +237,52 @@ def test_checkpointer_env_path_override(tmp_path, monkeypatch):
     assert not (tmp_path / "c.pt").exists()
 
 
-@pytest.mark.parametrize("every", [0, -1, 1.5, True, "2"])
-def test_checkpointer_bad_every(tmp_path, every):
-    with pytest.raises(ValueError, match="every must be an int >= 1"):
+@pytest.mark.parametrize(
+    ("every", "error"),
+    [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError)],
+)
+def test_checkpointer_bad_every(tmp_path, every, error):
+    with pytest.raises(error, match="every must be an int >= 1"):
         Checkpointer(tmp_path / "c.pt", every=every, counter=Counter())
+
+
+def test_checkpointer_without_path_only_counts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = Checkpointer(None, every=1, counter=Counter())
+    assert ckpt.resume() is None
+    ckpt.step()
+    assert ckpt.steps == 1
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match="has no path"):
+        ckpt.save()
+    monkeypatch.setenv("TORCHREPRO_STOP_AT", "3")
+    with pytest.raises(
+        ValueError, match="TORCHREPRO_STOP_AT is set but the Checkpointer has no path"
+    ):
+        Checkpointer(None, every=1, counter=Counter())
+
+
+def test_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "c.pt", counter=Counter())
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
+    save_checkpoint(tmp_path / "new" / "dir" / "c.pt", counter=Counter())
+    assert (tmp_path / "new" / "dir" / "c.pt").exists()
+
+
+def test_foreign_rng_devices_refused_before_anything_is_loaded(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, counter=Counter(9))
+    monkeypatch.setattr(
+        ckpt_mod, "rng_state_problems", lambda state: ["it holds 8 CUDA device state(s)"]
+    )
+    counter = Counter(1)
+    with pytest.raises(CheckpointError, match=r"other devices: it holds 8 CUDA device state\(s\)"):
+        load_checkpoint(path, counter=counter)
+    assert counter.n == 1  # untouched
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "abc", "1.5"])

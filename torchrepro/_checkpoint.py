@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import io
 import os
-import random
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -24,10 +23,10 @@ import torch
 from . import _dist, _envvars
 from ._determinism import current_settings
 from ._envdiff import diff_fingerprints
-from ._errors import CheckpointError, TorchreproWarning
+from ._errors import CheckpointError, RNGStateError, TorchreproWarning
 from ._fingerprint import fingerprint
-from ._rng import get_rng_state, set_rng_state
-from ._seed import derive_words
+from ._rng import get_rng_state, rng_state_problems, set_rng_state
+from ._seed import seed_from_env, seed_streams
 from ._version import __version__
 
 __all__ = ["Checkpointer", "Stateful", "load_checkpoint", "save_checkpoint"]
@@ -68,11 +67,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and fsync each parent of a directory it created."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_dir(new.parent)
+
+
 def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(path.parent)
     header = MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "little")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(
+            fd, 0o666 & ~_umask()
+        )  # mkstemp makes 0600; a checkpoint is shared like torch.save's
         with os.fdopen(fd, "wb") as f:
             f.write(header)
             f.write(payload)
@@ -85,7 +104,8 @@ def _atomic_write(path: Path, payload: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
+    """The checkpoint's content and the hex digest of its payload."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -100,7 +120,7 @@ def _read(path: Path) -> dict[str, Any]:
         )
     digest = data[len(MAGIC) : len(MAGIC) + 32]
     length = int.from_bytes(data[len(MAGIC) + 32 : _HEADER], "little")
-    payload = data[_HEADER:]
+    payload = memoryview(data)[_HEADER:]  # no copy of a possibly huge payload
     if len(payload) != length:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or padded: payload has {len(payload)} bytes, "
@@ -111,7 +131,7 @@ def _read(path: Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} is corrupted: its checksum does not match its contents"
         )
     try:
-        content = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+        content = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")  # type: ignore[arg-type]
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {str(path)!r} cannot be unpickled safely: {exc}"
@@ -124,7 +144,7 @@ def _read(path: Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} has format version {version!r}; this torchrepro "
             f"{__version__} reads version {FORMAT_VERSION}"
         )
-    return content
+    return content, digest.hex()
 
 
 def _gather_rng_states() -> list[dict[str, Any]]:
@@ -143,25 +163,46 @@ def _save(
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
     _check_objects(objects)
-    rng_states = _gather_rng_states()  # a collective: every rank calls it
-    if _dist.rank() == 0:
-        content = {
-            "format": "torchrepro.checkpoint",
-            "format_version": FORMAT_VERSION,
-            "torchrepro_version": __version__,
-            "objects": {name: obj.state_dict() for name, obj in objects.items()},
-            "extra": dict(extra or {}),
-            "rng": rng_states,
-            "world_size": _dist.world_size(),
-            "determinism": current_settings(),
-            "fingerprint": fingerprint(),
-            "meta": meta,
-        }
-        buffer = io.BytesIO()
-        torch.save(content, buffer)
-        _atomic_write(path, buffer.getvalue())
-    if _dist.is_distributed():
-        torch.distributed.barrier()  # nobody reads or exits before the file is complete
+    # Every rank builds the state dicts (FSDP and ZeRO build them collectively) and takes
+    # part in gathering the RNG states; rank 0 alone writes.
+    states = {name: obj.state_dict() for name, obj in objects.items()}
+    rng_states = _gather_rng_states()
+    failure: BaseException | None = None
+    if _dist.group_rank() == 0:
+        try:
+            content = {
+                "format": "torchrepro.checkpoint",
+                "format_version": FORMAT_VERSION,
+                "torchrepro_version": __version__,
+                "objects": states,
+                "extra": dict(extra or {}),
+                "rng": rng_states,
+                "world_size": _dist.world_size(),
+                "determinism": current_settings(),
+                "fingerprint": fingerprint(),
+                "meta": meta,
+            }
+            buffer = io.BytesIO()
+            torch.save(content, buffer)
+            _atomic_write(path, buffer.getbuffer().tobytes())
+        except Exception as exc:
+            failure = exc
+    # Nobody reads or exits before the file is complete, and a failure on rank 0 reaches
+    # every rank instead of leaving them waiting.
+    reported = _agree(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if reported[0] is not None:
+        raise CheckpointError(f"rank 0 failed to write checkpoint {str(path)!r}: {reported[0]}")
+
+
+def _agree(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (a collective; just ``[value]`` alone)."""
+    if not _dist.is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * _dist.world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def save_checkpoint(
@@ -208,7 +249,7 @@ def _warn_environment(path: Path, saved: Any) -> None:
             f"checkpoint {str(path)!r} was saved in an environment that differs in ways that can "
             f"change results; the resumed run may not be bitwise identical:\n{lines}",
             TorchreproWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -231,25 +272,53 @@ def _check_world_size(path: Path, content: dict[str, Any], strict: bool) -> bool
     return True
 
 
-def _restore_rng(content: dict[str, Any], strict: bool, resized: bool) -> None:
-    states, rank = content["rng"], _dist.rank()
+def _check_rng_fits(path: Path, content: dict[str, Any], strict: bool, resized: bool) -> None:
+    """Under ``strict``, refuse RNG states made for other devices before anything is loaded."""
+    states = content["rng"]
+    state = states[0] if resized else states[min(_dist.group_rank(), len(states) - 1)]
+    try:
+        problems = rng_state_problems(state)
+    except (RNGStateError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a malformed RNG state: {exc}"
+        ) from exc
+    if problems and strict:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was saved on a machine with other devices: {'; '.join(problems)}. "
+            "Pass strict=False to restore the RNG states this machine has."
+        )
+
+
+def _restore_rng(path: Path, content: dict[str, Any], strict: bool, resized: bool) -> None:
+    states, rank = content["rng"], _dist.group_rank()
     if not resized:
-        set_rng_state(states[rank] if len(states) > rank else states[0], strict=strict)
+        set_rng_state(states[min(rank, len(states) - 1)], strict=strict)
         return
-    seed = _envvars.env_int(_envvars.SEED, low=0, high=2**64 - 1) or 0
+    seed = seed_from_env()
+    if seed is None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: re-deriving random streams for the new world size needs "
+            f"the run's seed; call torchrepro.seed_everything() first or set {_envvars.SEED}"
+        )
+    set_rng_state(states[0], strict=False)  # CUDA/MPS layout from rank 0; then reseed per rank
     steps = int(content.get("meta", {}).get("steps", 0))
-    set_rng_state(states[0], strict=False)  # NumPy/CUDA layout from rank 0, then reseed per rank
-    py, tr = derive_words(seed, "resume", _dist.world_size(), rank, steps, words=2)
-    random.seed(py)
-    torch.manual_seed(tr)
+    seed_streams(seed, "resume", _dist.world_size(), rank, steps)
 
 
 def _load(
     path: Path, objects: Mapping[str, Any], strict: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     _check_objects(objects)
-    content = _read(path)
+    content, digest = read_checkpoint(path)
+    digests = _agree(digest)
+    if len(set(digests)) > 1:
+        ranks = [str(r) for r, d in enumerate(digests) if d != digests[0]]
+        raise CheckpointError(
+            f"ranks read different checkpoints at {str(path)!r} (ranks {', '.join(ranks)} differ from "
+            "rank 0): every rank must see the same file, e.g. on a shared filesystem"
+        )
     resized = _check_world_size(path, content, strict)  # before anything is loaded
+    _check_rng_fits(path, content, strict, resized)
     saved: dict[str, Any] = content["objects"]
     missing = sorted(set(objects) - set(saved))
     unexpected = sorted(set(saved) - set(objects))
@@ -262,7 +331,7 @@ def _load(
         message = f"checkpoint {str(path)!r} objects do not match ({'; '.join(parts)})"
         if strict:
             raise CheckpointError(message + "; pass strict=False to load the names both have")
-        warnings.warn(message + "; loaded the names both have", TorchreproWarning, stacklevel=3)
+        warnings.warn(message + "; loaded the names both have", TorchreproWarning, stacklevel=4)
     _warn_environment(path, content.get("fingerprint"))
     with _dist.world_size_change_allowed() if resized else contextlib.nullcontext():
         for name, obj in objects.items():
@@ -274,7 +343,7 @@ def _load(
                 raise CheckpointError(
                     f"loading {name}= from checkpoint {str(path)!r} failed: {exc}"
                 ) from exc
-    _restore_rng(content, strict, resized)  # last: nothing may draw between this and the loop
+    _restore_rng(path, content, strict, resized)  # last: nothing may draw between this and the loop
     return dict(content.get("extra", {})), dict(content.get("meta", {}))
 
 
@@ -326,7 +395,8 @@ class Checkpointer:
     2
 
     Args:
-        path: the checkpoint file; ``TORCHREPRO_CHECKPOINT``, when set, replaces it.
+        path: the checkpoint file. ``TORCHREPRO_CHECKPOINT``, when set, replaces it; with
+            ``None`` and no such variable, checkpointing is off (``.step()`` only counts).
         every: save after every ``every`` steps (an int >= 1).
         **objects: named objects with ``state_dict()``/``load_state_dict()``.
 
@@ -335,31 +405,63 @@ class Checkpointer:
         ``TORCHREPRO_STOP_AT=K``: when ``.steps`` reaches K, save and end the process with
         status 0 (a clean stand-in for a crash right after a save).
 
+    Under torch.distributed, create it on every rank with the same path; rank 0 decides
+    whether a checkpoint exists, so all ranks resume or none does.
+
     Raises:
         TypeError, ValueError: bad ``every``, objects or environment variables.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, every: int, **objects: Any) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1 (save every N steps), got {every!r}")
+    def __init__(self, path: str | os.PathLike[str] | None, *, every: int, **objects: Any) -> None:
+        if isinstance(every, bool) or not isinstance(every, int):
+            raise TypeError(
+                f"every must be an int >= 1 (save every N steps), got {type(every).__name__} {every!r}"
+            )
+        if every < 1:
+            raise ValueError(f"every must be an int >= 1 (save every N steps), got {every}")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"path must be a str, os.PathLike or None, got {type(path).__name__} {path!r}"
+            )
         _check_objects(objects)
         override = _envvars.env_path(_envvars.CHECKPOINT)
-        self.path = Path(override if override is not None else path)
+        chosen = override if override is not None else path
+        self.path: Path | None = None if chosen is None else Path(chosen)
         self.every = every
         self.objects = dict(objects)
         self.steps = 0
         self.stop_at = _envvars.env_int(_envvars.STOP_AT, low=1)
+        if self.stop_at is not None and self.path is None:
+            raise ValueError(
+                f"{_envvars.STOP_AT} is set but the Checkpointer has no path: pass a path or set "
+                f"{_envvars.CHECKPOINT}, so the run can save before it stops"
+            )
 
-    def resume(self) -> dict[str, Any] | None:
-        """Load ``path`` if it exists and return its ``extra``; None when there is none."""
-        if not self.path.exists():
+    def resume(self, *, strict: bool = True) -> dict[str, Any] | None:
+        """Load ``path`` if it exists and return its ``extra``; None when there is none.
+
+        Args:
+            strict: as for :func:`load_checkpoint` (``False`` also accepts another world size).
+        """
+        if self.path is None:
             return None
-        extra, meta = _load(self.path, self.objects, strict=True)
+        exists = _agree(self.path.exists())[0]  # rank 0 decides for every rank
+        if not exists:
+            return None
+        extra, meta = _load(self.path, self.objects, strict=strict)
         self.steps = int(meta.get("steps", 0))
         return extra
 
     def save(self, extra: dict[str, Any] | None = None) -> None:
-        """Save now, recording ``.steps``."""
+        """Save now, recording ``.steps``.
+
+        Raises:
+            CheckpointError: checkpointing is off (no path).
+        """
+        if self.path is None:
+            raise CheckpointError(
+                f"this Checkpointer has no path (pass one, or set {_envvars.CHECKPOINT})"
+            )
         _save(self.path, self.objects, extra, meta={"steps": self.steps})
 
     def step(self, extra: dict[str, Any] | None = None) -> None:
@@ -369,7 +471,7 @@ class Checkpointer:
         """
         self.steps += 1
         stopping = self.stop_at is not None and self.steps == self.stop_at
-        if self.steps % self.every == 0 or stopping:
+        if self.path is not None and (self.steps % self.every == 0 or stopping):
             self.save(extra)
         if stopping:
             raise SystemExit(0)

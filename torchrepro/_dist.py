@@ -17,10 +17,23 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    """Global rank: from the process group when initialised, else ``RANK`` (torchrun), else 0."""
+    """Launcher rank: from the process group when initialised, else ``RANK`` (torchrun), else 0.
+
+    For choosing per-rank random streams and trace files, which must differ between the
+    processes a launcher started even before they join a process group.
+    """
     if is_distributed():
         return int(torch.distributed.get_rank())
     return int(os.environ.get("RANK", "0") or 0)
+
+
+def group_rank() -> int:
+    """Rank in the default process group, or 0 without one.
+
+    For who writes shared files and which saved per-rank state is this process's: without
+    a process group every process is on its own, whatever ``RANK`` says.
+    """
+    return int(torch.distributed.get_rank()) if is_distributed() else 0
 
 
 def world_size() -> int:

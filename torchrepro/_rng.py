@@ -17,7 +17,7 @@ import torch
 
 from ._errors import RNGStateError, TorchreproWarning
 
-__all__ = ["get_rng_state", "isolated_rng", "set_rng_state"]
+__all__ = ["get_rng_state", "isolated_rng", "rng_state_problems", "set_rng_state"]
 
 RNG_STATE_VERSION = 1
 _KEYS = ("python", "numpy", "torch", "cuda", "mps", "xpu")
@@ -54,7 +54,7 @@ def _numpy_state(np: Any) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "bit_generator": str(name),
-        "keys": [int(k) for k in keys],
+        "keys": keys.tolist(),
         "pos": int(pos),
         "has_gauss": int(has_gauss),
         "cached_gaussian": float(cached),
@@ -135,6 +135,31 @@ def _validate(state: object) -> dict[str, Any]:
     return state
 
 
+def rng_state_problems(state: dict[str, Any]) -> list[str]:
+    """Why ``state`` does not fit this machine's devices; empty when it fits.
+
+    Raises:
+        RNGStateError, TypeError: ``state`` is malformed (see :func:`set_rng_state`).
+    """
+    state = _validate(state)
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n_xpu = torch.xpu.device_count() if _xpu_available() else 0
+    problems = []
+    if len(state.get("cuda", [])) != n_cuda:
+        problems.append(
+            f"it holds {len(state.get('cuda', []))} CUDA device state(s), this machine has {n_cuda}"
+        )
+    if len(state.get("xpu", [])) != n_xpu:
+        problems.append(
+            f"it holds {len(state.get('xpu', []))} XPU device state(s), this machine has {n_xpu}"
+        )
+    if (state.get("mps") is not None) != _mps_available():
+        problems.append("MPS is present on one machine only")
+    if state.get("numpy") is not None and _numpy() is None:
+        problems.append("it holds a NumPy state but NumPy is not installed here")
+    return problems
+
+
 def set_rng_state(state: dict[str, Any], *, strict: bool = True) -> None:
     """Restore a state captured by :func:`get_rng_state`, exactly.
 
@@ -150,31 +175,15 @@ def set_rng_state(state: dict[str, Any], *, strict: bool = True) -> None:
             not match this machine's devices.
         TypeError: ``state`` is not a dict.
     """
-    state = _validate(state)
-    np = _numpy()
-    cuda_states = list(state.get("cuda", []))
-    xpu_states = list(state.get("xpu", []))
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    n_xpu = torch.xpu.device_count() if _xpu_available() else 0
-    problems = []
-    if len(cuda_states) != n_cuda:
-        problems.append(
-            f"it holds {len(cuda_states)} CUDA device state(s), this machine has {n_cuda}"
-        )
-    if len(xpu_states) != n_xpu:
-        problems.append(f"it holds {len(xpu_states)} XPU device state(s), this machine has {n_xpu}")
-    if (state.get("mps") is not None) != _mps_available():
-        problems.append("MPS is present on one machine only")
-    if state.get("numpy") is not None and np is None:
-        problems.append("it holds a NumPy state but NumPy is not installed here")
+    problems = rng_state_problems(state)
     if problems:
         message = "RNG state was captured on a machine with other devices: " + "; ".join(problems)
         if strict:
             raise RNGStateError(message + ". Pass strict=False to restore what this machine has.")
         warnings.warn(message + "; restored the rest.", TorchreproWarning, stacklevel=2)
-
+    np = _numpy()
     version, internal, gauss = state["python"]
-    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    random.setstate((int(version), tuple(internal), gauss))
     numpy_state = state.get("numpy")
     if numpy_state is not None and np is not None:
         np.random.set_state(
@@ -187,10 +196,14 @@ def set_rng_state(state: dict[str, Any], *, strict: bool = True) -> None:
             )
         )
     torch.set_rng_state(state["torch"])
-    for device, cuda_state in enumerate(cuda_states[:n_cuda]):
-        torch.cuda.set_rng_state(cuda_state, device)
-    for device, xpu_state in enumerate(xpu_states[:n_xpu]):
-        torch.xpu.set_rng_state(xpu_state, device)
+    cuda_states = list(state.get("cuda", []))
+    for device in range(
+        min(len(cuda_states), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    ):
+        torch.cuda.set_rng_state(cuda_states[device], device)
+    xpu_states = list(state.get("xpu", []))
+    for device in range(min(len(xpu_states), torch.xpu.device_count() if _xpu_available() else 0)):
+        torch.xpu.set_rng_state(xpu_states[device], device)
     if state.get("mps") is not None and _mps_available():
         torch.mps.set_rng_state(state["mps"])
 

@@ -94,7 +94,12 @@ def derive_seed(seed: int, *path: int | str) -> int:
     return derive_words(seed, *path)[0]
 
 
-def _seed_from_env() -> int | None:
+def seed_from_env() -> int | None:
+    """``TORCHREPRO_SEED`` as a valid seed, or None when unset.
+
+    Raises:
+        ValueError: naming the variable, when it is not an int in ``[0, 2**64 - 1]``.
+    """
     return _envvars.env_int(_envvars.SEED, low=0, high=SEED_MAX)
 
 
@@ -156,7 +161,7 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
     """
     _warn_if_hash_seed_random()
     if seed is None:
-        seed = _seed_from_env()
+        seed = seed_from_env()
         if seed is None:
             seed = secrets.randbits(32)
             log.info(
@@ -167,8 +172,13 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
     validate_seed(seed)
     os.environ[_envvars.SEED] = str(seed)
     path: tuple[int | str, ...] = ("rank", _dist.rank()) if per_rank else ()
-    py_seed, np_seed, torch_seed = derive_words(seed, "global", *path, words=3)
+    seed_streams(seed, "global", *path)
+    return seed
+
+
+def seed_streams(seed: int, *path: int | str) -> None:
+    """Seed Python, NumPy and torch (every device) with three words derived from ``(seed, *path)``."""
+    py_seed, np_seed, torch_seed = derive_words(seed, *path, words=3)
     random.seed(py_seed)
     _seed_numpy(np_seed)
     torch.manual_seed(torch_seed)  # also seeds every CUDA, MPS and XPU device
-    return seed
