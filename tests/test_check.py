@@ -87,6 +87,12 @@ def test_resume_without_checkpointer_is_an_error(tmp_path):
     assert "wrote no checkpoint" in proc.stdout
 
 
+def test_resume_step_beyond_the_run_is_an_error(tmp_path):
+    proc = _check(["--runs", "1", "--resume-at", "999"], tmp_path)
+    assert proc.returncode == 2, proc.stdout
+    assert "ended before step 999" in proc.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

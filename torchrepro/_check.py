@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from . import _envvars
+from ._checkpoint import read_checkpoint
 from ._compare import Comparison, TraceData, compare_traces, read_trace
 from ._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
-from ._errors import TraceError
-from ._seed import derive_seed
+from ._errors import CheckpointError, TraceError
+from ._seed import derive_seed, seed_from_env
 
 __all__ = ["CheckReport", "RunResult", "RunSpec", "plan_runs", "run_check", "run_environment"]
 
@@ -180,6 +181,16 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
+def _steps_saved(path: Path) -> int | None:
+    """The step count a Checkpointer recorded in ``path``, or None when unreadable."""
+    try:
+        content, _digest = read_checkpoint(path)
+    except CheckpointError:
+        return None
+    steps = content.get("meta", {}).get("steps")
+    return steps if isinstance(steps, int) else None
+
+
 def _run_process(
     command: Sequence[str],
     env: dict[str, str],
@@ -257,6 +268,17 @@ def _execute(
                 f"--resume-at {spec.resume_at}: the command wrote no checkpoint; use torchrepro.Checkpointer "
                 "(it saves and exits at TORCHREPRO_STOP_AT) so the run can be stopped and resumed",
             )
+        stopped = _steps_saved(ckpt_path)
+        if stopped != spec.resume_at:
+            return RunResult(
+                spec,
+                code,
+                None,
+                "",
+                directory,
+                f"--resume-at {spec.resume_at}: the command saved its last checkpoint at step {stopped} and "
+                f"ended before step {spec.resume_at}; choose a step the run reaches",
+            )
         env = {**env, **spec.resume_env}
     code = _run_process(
         command, env, directory, label=spec.name, trace=trace_path, progress=progress
@@ -322,7 +344,8 @@ def run_check(
         raise ValueError("command must not be empty")
     specs = plan_runs(runs, vary, resume_at)
     if seed is None:
-        seed = _envvars.env_int(_envvars.SEED, low=0, high=2**64 - 1) or 0
+        from_env = seed_from_env()
+        seed = 0 if from_env is None else from_env
     base_env = run_environment(seed)
     root = Path(keep) if keep is not None else Path(tempfile.mkdtemp(prefix="torchrepro-check-"))
     root.mkdir(parents=True, exist_ok=True)
