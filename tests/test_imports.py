@@ -1,7 +1,25 @@
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_import_does_not_add_numpy_beyond_torch():
+    # torch may import NumPy itself; torchrepro must not add it (nor anything optional).
+    code = (
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "import torchrepro\n"
+        "added = set(sys.modules) - before\n"
+        "print(','.join(sorted(m for m in added if m.split('.')[0] in "
+        "('numpy', 'torchvision', 'sklearn', 'hypothesis', 'lightning', 'torchdata'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
 
 
 def test_import_pulls_no_optional_package():
@@ -32,26 +50,75 @@ def test_works_without_numpy():
     )
 
 
-def test_layers_import_only_downward():
-    """core modules never import data, checkpoint, verification or CLI modules."""
-    import ast
-    from pathlib import Path
+PACKAGE = Path(__file__).resolve().parent.parent / "torchrepro"
+CORE = {"_seed", "_rng", "_determinism", "_envdiff", "_errors", "_envvars", "_dist", "_version"}
+VERIFICATION = {"_checksum", "_trace", "_compare", "_audit", "_check"}
+# What each layer must not import (the layers above it).
+FORBIDDEN = {
+    **{name: {"data", "_checkpoint", "_fingerprint", "_cli", *VERIFICATION} for name in CORE},
+    "_fingerprint": {"data", "_checkpoint", "_cli", *VERIFICATION},
+    "_checkpoint": {"data", "_cli", *VERIFICATION},
+    **{
+        f"data/{p.stem}": {"_checkpoint", "_cli", *VERIFICATION}
+        for p in (PACKAGE / "data").glob("*.py")
+    },
+    **{name: {"_cli"} for name in VERIFICATION},
+}
 
-    package = Path(__file__).resolve().parent.parent / "torchrepro"
-    core = {"_seed", "_rng", "_determinism", "_envdiff", "_errors", "_envvars", "_dist", "_version"}
-    upper = (
-        "data",
-        "_checkpoint",
-        "_trace",
-        "_audit",
-        "_compare",
-        "_check",
-        "_cli",
-        "_fingerprint",
-    )
-    for name in core:
-        tree = ast.parse((package / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level >= 1:
-                target = (node.module or "").split(".")[0]
-                assert target not in upper, f"{name}.py imports {target}"
+
+def _imported_modules(path: Path) -> set[str]:
+    """Top-level torchrepro modules a file imports, whatever the import's form."""
+    inside_data = path.parent.name == "data"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                parts = (node.module or "").split(".")
+                if parts[0] == "torchrepro" and len(parts) > 1:
+                    found.add(parts[1])
+                elif parts[0] == "torchrepro":
+                    found.update(alias.name for alias in node.names)
+                continue
+            base_is_package = (node.level == 1 and not inside_data) or (
+                node.level == 2 and inside_data
+            )
+            if not base_is_package:  # a sibling inside data/
+                found.add("data")
+                continue
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "torchrepro" and len(parts) > 1:
+                    found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_layers_import_only_downward(module):
+    path = PACKAGE / f"{module}.py"
+    bad = _imported_modules(path) & FORBIDDEN[module]
+    assert not bad, f"{module}.py imports {sorted(bad)} from a layer above it"
+
+
+def test_layer_check_sees_every_import_form(tmp_path):
+    sample = tmp_path / "x.py"
+    sample.write_text("from . import _cli\nfrom ._trace import Trace\nimport torchrepro._audit\n")
+    assert _imported_modules(sample) >= {"_cli", "_trace", "_audit"}
+
+
+def test_only_the_cli_prints():
+    for path in PACKAGE.rglob("*.py"):
+        if path.name in ("_cli.py", "__main__.py"):
+            continue
+        calls = [
+            node
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "print"
+        ]
+        assert not calls, f"{path.name} prints"
