@@ -93,7 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-workers", type=int, default=2, help="TORCHREPRO_NUM_WORKERS overrides it"
     )
     parser.add_argument("--persistent-workers", action="store_true")
-    parser.add_argument("--checkpoint", default="runs/digits.pt")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="resume from / save to this file (TORCHREPRO_CHECKPOINT overrides)",
+    )
     parser.add_argument("--every", type=int, default=20, help="checkpoint every N steps")
     parser.add_argument(
         "--bf16", action="store_true", help="CPU autocast to bfloat16, with a GradScaler"

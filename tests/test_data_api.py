@@ -214,8 +214,16 @@ def test_streams_follow_the_documented_derivation() -> None:
 def test_sample_seeds_do_not_collide_on_a_large_grid() -> None:
     seeder = _Seeder(0, "sample")
     words = [seeder.words(epoch, index) for epoch in range(10) for index in range(10_000)]
-    for k in range(4):
-        assert len({w[k] for w in words}) == len(words)
+    # What each library is actually seeded with: random 64 bits, NumPy and torch 32 bits
+    # (torch's CPU generator keeps the low 32 bits of any seed; NumPy's fast path takes 32).
+    used = [(w[1], w[2] & 0xFFFFFFFF, w[3] & 0xFFFFFFFF) for w in words]
+    assert len({u[0] for u in used}) == len(used)  # Python's streams never repeat
+    assert len(set(used)) == len(used)  # nor does any sample's whole augmentation stream
+    # A 32-bit stream alone may repeat among ~1e5 samples (birthday bound n**2 / 2**33);
+    # the second library's stream then still differs.
+    for k in (1, 2):
+        repeats = len(used) - len({u[k] for u in used})
+        assert repeats <= 10
     assert words[12345] == derive_words(0, "sample", 1, 2345, words=4)
 
 

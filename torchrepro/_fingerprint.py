@@ -101,6 +101,7 @@ def _packages() -> dict[str, str]:
     return found
 
 
+@functools.lru_cache(maxsize=8)  # read once per directory and process: saves call git once
 def _git(cwd: str) -> dict[str, Any] | None:
     try:
         commit = subprocess.run(
@@ -170,6 +171,10 @@ def _nccl() -> str | None:
     return ".".join(str(v) for v in version) if isinstance(version, tuple) else str(version)
 
 
+def _copy(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if value is None else dict(value)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
@@ -181,7 +186,8 @@ def fingerprint() -> dict[str, Any]:
 
     Reads ``/proc/cpuinfo``, installed package metadata and, when the current directory
     is in a git repository, ``git rev-parse``/``git status`` (no other side effects;
-    querying GPUs initialises CUDA when it is available).
+    querying GPUs initialises CUDA when it is available). The CPU model, package versions
+    and git state are read once per process (per directory for git) and then reused.
 
     Returns:
         A JSON-serialisable dict with sections ``python``, ``os``, ``cpu``, ``torch``,
@@ -228,5 +234,5 @@ def fingerprint() -> dict[str, Any]:
         "determinism": settings,
         "env": {name: os.environ.get(name) for name in NUMERIC_ENV_VARS},
         "packages": dict(packages),
-        "git": _git(os.getcwd()),
+        "git": _copy(_git(os.getcwd())),
     }

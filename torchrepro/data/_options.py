@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from .. import _envvars
-from .._seed import SEED_MAX, validate_seed
+from .._seed import seed_from_env, validate_seed
 
 log = logging.getLogger("torchrepro")
 
@@ -23,7 +23,7 @@ _WORKER_ONLY = ("persistent_workers", "prefetch_factor", "multiprocessing_contex
 
 def resolve_seed(seed: int | None) -> int:
     if seed is None:
-        seed = _envvars.env_int(_envvars.SEED, low=0, high=SEED_MAX)
+        seed = seed_from_env()
         if seed is None:
             raise ValueError(
                 "torchrepro.DataLoader needs a seed: pass seed=<int>, or call "

@@ -22,7 +22,6 @@ import _random
 import hashlib
 import random
 import struct
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .._errors import TorchreproError
+from .._rng import _numpy
 from .._seed import _PERSON, _encode
 
 __all__ = ["sample_seed"]
@@ -73,17 +73,6 @@ def sample_seed() -> int:
             "__getitem__ (or __iter__) of a dataset read by torchrepro.DataLoader"
         )
     return _current
-
-
-def _numpy() -> Any:
-    np = sys.modules.get("numpy")
-    if np is not None:
-        return np
-    try:
-        import numpy
-    except ImportError:
-        return None
-    return numpy
 
 
 class _Seeder:
