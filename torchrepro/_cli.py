@@ -135,9 +135,12 @@ def _print_report(report: CheckReport, kept: bool) -> None:
             print(f"--- last lines of its stderr{where}:")
             print(failed.stderr_tail)
         return
+    verdict = report.verdict()
     for comparison in report.comparisons:
         if not comparison.identical:
-            print(comparison.format())
+            lines = comparison.format().splitlines()
+            print("\n".join(lines[1:] if lines[0] == verdict else lines))
+            verdict = ""  # later divergences keep their own verdict line
     names = ", ".join(f'"{r.spec.name}"' for r in report.runs)
     print(f"runs: {names}")
 
