@@ -51,7 +51,17 @@ def test_works_without_numpy():
 
 
 PACKAGE = Path(__file__).resolve().parent.parent / "torchrepro"
-CORE = {"_seed", "_rng", "_determinism", "_envdiff", "_errors", "_envvars", "_dist", "_version"}
+CORE = {
+    "_seed",
+    "_rng",
+    "_determinism",
+    "_envdiff",
+    "_errors",
+    "_envvars",
+    "_dist",
+    "_statedict",
+    "_version",
+}
 VERIFICATION = {"_checksum", "_trace", "_compare", "_audit", "_check"}
 # What each layer must not import (the layers above it).
 FORBIDDEN = {

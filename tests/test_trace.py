@@ -258,7 +258,7 @@ def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: st
     ("state", "error", "match"),
     [
         ([1], TypeError, r"state must be a dict from Trace\.state_dict\(\), got list"),
-        ({"version": 2, "step": 1}, ValueError, r"Trace state must have version 1, got 2"),
+        ({"version": 2, "step": 1}, ValueError, r"Trace state 'version' must be 1, got 2"),
         ({"version": 1, "step": "3"}, TypeError, r"'step' must be an int >= 0, got str '3'"),
         ({"version": 1, "step": -1}, ValueError, r"'step' must be an int >= 0, got -1"),
     ],

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ._errors import RNGStateError, TorchreproWarning
+from ._statedict import check_versioned
 
 __all__ = ["get_rng_state", "isolated_rng", "rng_state_problems", "set_rng_state"]
 
@@ -100,16 +101,15 @@ def _check_tensor(value: object, where: str) -> torch.Tensor:
 
 
 def _validate(state: object) -> dict[str, Any]:
-    if not isinstance(state, dict):
-        raise TypeError(
-            f"state must be a dict from torchrepro.get_rng_state(), got {type(state).__name__}"
+    state = dict(
+        check_versioned(
+            state,
+            what="RNG",
+            version=RNG_STATE_VERSION,
+            made_by="torchrepro.get_rng_state()",
+            error=RNGStateError,
         )
-    version = state.get("version")
-    if version != RNG_STATE_VERSION:
-        raise RNGStateError(
-            f"RNG state has version {version!r}; this torchrepro reads version {RNG_STATE_VERSION}. "
-            "Was it made by torchrepro.get_rng_state()?"
-        )
+    )
     unknown = set(state) - {"version", *_KEYS}
     if unknown:
         raise RNGStateError(f"RNG state has unknown keys {sorted(unknown)}")

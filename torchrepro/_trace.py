@@ -20,6 +20,7 @@ import torch
 from . import _dist, _envvars
 from ._checksum import tensor_checksums, tensor_norms
 from ._compare import TRACE_FORMAT, TRACE_VERSION, TraceError, json_float, read_lines
+from ._statedict import check_versioned
 from ._version import __version__
 
 __all__ = ["Trace"]
@@ -318,15 +319,7 @@ class Trace:
         >>> t = Trace(None); t.load_state_dict({"version": 1, "step": 41}); t.steps
         41
         """
-        if not isinstance(state, dict):
-            raise TypeError(
-                f"state must be a dict from Trace.state_dict(), got {type(state).__name__}"
-            )
-        version = state.get("version")
-        if version != STATE_VERSION:
-            raise ValueError(
-                f"Trace state must have version {STATE_VERSION}, got {version!r}; was it made by Trace.state_dict()?"
-            )
+        check_versioned(state, what="Trace", version=STATE_VERSION, made_by="Trace.state_dict()")
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._seed import SEED_MAX
+from .._statedict import check_versioned
 from ._sampler import Order
 
 STATE_VERSION = 1
@@ -63,16 +64,9 @@ def check_bool(state: Mapping[str, Any], key: str) -> bool:
 
 def validate(state: object, kind: str) -> Mapping[str, Any]:
     """Check the version, kind, keys and types shared by both kinds; return the mapping."""
-    if not isinstance(state, Mapping):
-        raise TypeError(
-            f"state must be a dict from torchrepro.DataLoader.state_dict(), got {_type_name(state)}"
-        )
-    version = state.get("version")
-    if version != STATE_VERSION:
-        raise ValueError(
-            f"loader state 'version' must be {STATE_VERSION}, got {version!r}: "
-            "was it made by torchrepro.DataLoader.state_dict()?"
-        )
+    state = check_versioned(
+        state, what="loader", version=STATE_VERSION, made_by="torchrepro.DataLoader.state_dict()"
+    )
     got_kind = state.get("kind")
     if got_kind != kind:
         raise ValueError(
