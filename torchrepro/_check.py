@@ -240,70 +240,52 @@ def _execute(
         _envvars.CHECKPOINT: str(ckpt_path),
     }
     env.pop(_envvars.STOP_AT, None)
-    if spec.resume_at is not None:
+
+    def run(run_env: dict[str, str]) -> tuple[int, str]:
         code = _run_process(
-            command,
-            {**env, _envvars.STOP_AT: str(spec.resume_at)},
-            directory,
-            label=spec.name,
-            trace=trace_path,
-            progress=progress,
+            command, run_env, directory, label=spec.name, trace=trace_path, progress=progress
         )
+        return code, _tail(directory / "stderr.log")
+
+    def failed(code: int, tail: str, message: str) -> RunResult:
+        return RunResult(spec, code, None, tail, directory, message)
+
+    if spec.resume_at is not None:
+        code, tail = run({**env, _envvars.STOP_AT: str(spec.resume_at)})
         if code != 0:
-            return RunResult(
-                spec,
-                code,
-                None,
-                _tail(directory / "stderr.log"),
-                directory,
-                "the stopped run failed",
-            )
+            return failed(code, tail, "the stopped run failed")
         if not ckpt_path.exists():
-            return RunResult(
-                spec,
+            return failed(
                 code,
-                None,
                 "",
-                directory,
                 f"--resume-at {spec.resume_at}: the command wrote no checkpoint; use torchrepro.Checkpointer "
                 "(it saves and exits at TORCHREPRO_STOP_AT) so the run can be stopped and resumed",
             )
         stopped = _steps_saved(ckpt_path)
         if stopped != spec.resume_at:
-            return RunResult(
-                spec,
+            return failed(
                 code,
-                None,
                 "",
-                directory,
                 f"--resume-at {spec.resume_at}: the command saved its last checkpoint at step {stopped} and "
                 f"ended before step {spec.resume_at}; choose a step the run reaches",
             )
         env = {**env, **spec.resume_env}
-    code = _run_process(
-        command, env, directory, label=spec.name, trace=trace_path, progress=progress
-    )
-    tail = _tail(directory / "stderr.log")
+    code, tail = run(env)
     if code != 0:
-        return RunResult(spec, code, None, tail, directory, f"exited with status {code}")
+        return failed(code, tail, f"exited with status {code}")
     if not trace_path.exists():
-        return RunResult(
-            spec,
+        return failed(
             code,
-            None,
             tail,
-            directory,
             "recorded no trace: add `trace = torchrepro.Trace()` and call `trace.step(loss=loss, model=model)` "
             "once per training step (it writes to TORCHREPRO_TRACE)",
         )
     try:
         trace = read_trace(trace_path)
     except TraceError as exc:
-        return RunResult(spec, code, None, tail, directory, f"unreadable trace: {exc}")
+        return failed(code, tail, f"unreadable trace: {exc}")
     if not trace.records:
-        return RunResult(
-            spec, code, None, tail, directory, "its trace has no steps: call trace.step() each step"
-        )
+        return failed(code, tail, "its trace has no steps: call trace.step() each step")
     return RunResult(spec, code, trace, tail, directory)
 
 
