@@ -190,11 +190,11 @@ def test_environment_difference_warns_with_reason(tmp_path, monkeypatch):
 
 
 def test_world_size_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHREPRO_SEED", "5")  # the run's seed, at save and at load
     save_checkpoint(tmp_path / "c.pt", counter=Counter())
     monkeypatch.setattr(ckpt_mod._dist, "world_size", lambda: 2)
     with pytest.raises(CheckpointError, match="saved with world size 1, this run has world size 2"):
         load_checkpoint(tmp_path / "c.pt", counter=Counter())
-    monkeypatch.setenv("TORCHREPRO_SEED", "5")
     with isolated_rng():
         with pytest.warns(TorchreproWarning, match="re-derived from the seed"):
             load_checkpoint(tmp_path / "c.pt", strict=False, counter=Counter())
