@@ -65,18 +65,20 @@ def reference() -> list[list[dict[str, Any]]]:
     return _epochs(DataLoader(Augmented(), batch_size=BATCH, shuffle=True, seed=11))
 
 
-FORK = [
-    (workers, persistent, prefetch)
+# Every fork combination; spawn re-imports torch and torchvision in every worker (seconds
+# each), so a subset of it.
+CASES = [
+    ("fork", workers, persistent, prefetch)
     for workers in (1, 2, 3)
     for persistent in (False, True)
     for prefetch in (1, 4)
-]
+] + [("spawn", 1, False, 4), ("spawn", 2, True, 1)]
 
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
-@pytest.mark.parametrize(("workers", "persistent", "prefetch"), FORK)
-def test_fork_workers_match_main_process(
-    reference: list[list[dict[str, Any]]], workers: int, persistent: bool, prefetch: int
+@pytest.mark.parametrize(("start", "workers", "persistent", "prefetch"), CASES)
+def test_workers_match_main_process(
+    reference: list[list[dict[str, Any]]], start: str, workers: int, persistent: bool, prefetch: int
 ) -> None:
     loader = DataLoader(
         Augmented(),
@@ -86,29 +88,9 @@ def test_fork_workers_match_main_process(
         num_workers=workers,
         persistent_workers=persistent,
         prefetch_factor=prefetch,
-        pin_memory=prefetch == 4,  # torch ignores it without an accelerator, with a warning
-        multiprocessing_context="fork",
-    )
-    _assert_same(_epochs(loader), reference)
-
-
-# spawn re-imports torch and torchvision in every worker (seconds each): a subset.
-SPAWN = [(1, False, 4), (2, True, 1)]
-
-
-@pytest.mark.parametrize(("workers", "persistent", "prefetch"), SPAWN)
-def test_spawn_workers_match_main_process(
-    reference: list[list[dict[str, Any]]], workers: int, persistent: bool, prefetch: int
-) -> None:
-    loader = DataLoader(
-        Augmented(),
-        batch_size=BATCH,
-        shuffle=True,
-        seed=11,
-        num_workers=workers,
-        persistent_workers=persistent,
-        prefetch_factor=prefetch,
-        multiprocessing_context="spawn",
+        # torch ignores pin_memory without an accelerator, with a warning
+        pin_memory=start == "fork" and prefetch == 4,
+        multiprocessing_context=start,
     )
     _assert_same(_epochs(loader), reference)
 
