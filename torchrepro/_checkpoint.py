@@ -84,7 +84,7 @@ def _make_dirs(directory: Path) -> None:
         _fsync_dir(new.parent)
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+def _atomic_write(path: Path, payload: bytes | memoryview) -> None:
     _make_dirs(path.parent)
     header = MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "little")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -147,16 +147,6 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
     return content, digest.hex()
 
 
-def _gather_rng_states() -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (on every rank)."""
-    state = get_rng_state()
-    if not _dist.is_distributed():
-        return [state]
-    gathered: list[Any] = [None] * _dist.world_size()
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
-
-
 def _save(
     path: Path, objects: Mapping[str, Any], extra: dict[str, Any] | None, meta: dict[str, Any]
 ) -> None:
@@ -166,7 +156,7 @@ def _save(
     # Every rank builds the state dicts (FSDP and ZeRO build them collectively) and takes
     # part in gathering the RNG states; rank 0 alone writes.
     states = {name: obj.state_dict() for name, obj in objects.items()}
-    rng_states = _gather_rng_states()
+    rng_states = _agree(get_rng_state())
     failure: BaseException | None = None
     if _dist.group_rank() == 0:
         try:
@@ -184,7 +174,7 @@ def _save(
             }
             buffer = io.BytesIO()
             torch.save(content, buffer)
-            _atomic_write(path, buffer.getbuffer().tobytes())
+            _atomic_write(path, buffer.getbuffer())  # a view: no copy of the payload
         except Exception as exc:
             failure = exc
     # Nobody reads or exits before the file is complete, and a failure on rank 0 reaches

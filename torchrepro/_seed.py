@@ -21,6 +21,7 @@ import torch
 
 from . import _dist, _envvars
 from ._errors import TorchreproWarning
+from ._rng import _numpy
 
 __all__ = ["SEED_MAX", "derive_seed", "seed_everything", "validate_seed"]
 
@@ -121,9 +122,8 @@ def _warn_if_hash_seed_random() -> None:
 
 
 def _seed_numpy(value: int) -> None:
-    try:
-        import numpy as np  # optional; imported here so `import torchrepro` stays light
-    except ImportError:
+    np = _numpy()  # optional, and imported only when seeding
+    if np is None:
         return
     # Two 32-bit words: the legacy MT19937 seeding keeps all 64 bits this way.
     np.random.seed([value & 0xFFFFFFFF, value >> 32])

@@ -117,8 +117,7 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
                 )
             self._repro_wrapper = IterableWrapper(dataset, seed)
         else:
-            world = _dist.world_size() if _dist.is_distributed() else 1
-            rank = _dist.rank() if _dist.is_distributed() else 0
+            world, rank = _dist.world_size(), _dist.group_rank()
             order = Order(
                 length=len(dataset),
                 batch_size=1 if batch_size is None else batch_size,
