@@ -60,6 +60,7 @@ CORE = {
     "_envvars",
     "_dist",
     "_statedict",
+    "_runinfo",
     "_version",
 }
 VERIFICATION = {"_checksum", "_trace", "_compare", "_audit", "_check"}
