@@ -17,7 +17,7 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits_ddp.py"
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3, so global batches agree across world sizes
 
 

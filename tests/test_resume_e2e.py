@@ -2,8 +2,9 @@
 in a fresh one ends bitwise identical to the loop that never stopped.
 
 The loop is examples/train_digits.py (CNN with BatchNorm and dropout on scikit-learn's digits,
-torchvision v2 augmentation and a NumPy draw in __getitem__, AdamW, OneCycleLR, GradScaler,
-torchrepro.DataLoader with workers); --limit 512 --batch-size 32 gives 16 steps per epoch.
+torchvision v2 augmentation and a NumPy draw in __getitem__, AdamW, OneCycleLR,
+torchrepro.DataLoader with workers), and train_digits_bf16.py (the same with bfloat16 autocast
+and a GradScaler); --limit 512 --batch-size 32 gives 16 steps per epoch.
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARGS = ["--limit", "512", "--batch-size", "32", "--epochs", "2", "--every", "1000"]
 STEPS = 32
+BF16 = "train_digits_bf16.py"
 
 
 def _run(
-    tmp: Path, name: str, *, workers: int, extra: list[str] = (), env: dict[str, str] | None = None
+    tmp: Path,
+    name: str,
+    *,
+    workers: int,
+    extra: list[str] = (),
+    env: dict[str, str] | None = None,
+    script: str = "train_digits.py",
 ) -> Path:
     final = tmp / f"{name}.final.pt"
     full_env = {
@@ -38,7 +46,7 @@ def _run(
     }
     full_env.pop("TORCHREPRO_TRACE", None)
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), *ARGS, *extra, "--save-final", str(final)],
+        [sys.executable, str(EXAMPLES / script), *ARGS, *extra, "--save-final", str(final)],
         env=full_env,
         capture_output=True,
         text=True,
@@ -49,12 +57,20 @@ def _run(
 
 
 def _stop_then_resume(
-    tmp: Path, name: str, k: int, *, before: int, after: int, extra: list[str]
+    tmp: Path,
+    name: str,
+    k: int,
+    *,
+    before: int,
+    after: int,
+    extra: list[str],
+    script: str = "train_digits.py",
 ) -> Path:
-    stopped = _run(tmp, name, workers=before, extra=extra, env={"TORCHREPRO_STOP_AT": str(k)})
+    stop = {"TORCHREPRO_STOP_AT": str(k)}
+    stopped = _run(tmp, name, workers=before, extra=extra, env=stop, script=script)
     assert not stopped.exists()  # the first process really ended at step k
     assert (tmp / f"{name}.ckpt.pt").exists()
-    return _run(tmp, name, workers=after, extra=extra)
+    return _run(tmp, name, workers=after, extra=extra, script=script)
 
 
 def _assert_bitwise_equal(a: object, b: object, where: str = "") -> None:
@@ -100,17 +116,15 @@ def test_resume_is_bitwise_identical(work, reference, k, before, after, persiste
 
 
 def test_resume_with_bf16_autocast_and_grad_scaler(work):
-    reference = torch.load(
-        _run(work, "bf16-reference", workers=0, extra=["--bf16"]), weights_only=True
-    )
-    final = _stop_then_resume(work, "bf16", 9, before=2, after=0, extra=["--bf16"])
+    reference = torch.load(_run(work, "bf16-reference", workers=0, script=BF16), weights_only=True)
+    final = _stop_then_resume(work, "bf16", 9, before=2, after=0, extra=[], script=BF16)
     _assert_bitwise_equal(reference, torch.load(final, weights_only=True), "final")
 
 
 MANUAL_LOOP = """
 import sys, torch, torch.nn.functional as F, torchrepro
 sys.path.insert(0, sys.argv[1])
-from train_digits import Digits, Net
+from digits import Digits, Net
 stop_at, path, out = int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torchrepro.seed_everything(0)
 torchrepro.deterministic("strict")
@@ -140,7 +154,7 @@ def test_manual_save_and_load_checkpoint_loop(work):
                 sys.executable,
                 "-c",
                 MANUAL_LOOP,
-                str(EXAMPLE.parent),
+                str(EXAMPLES),
                 str(stop_at),
                 str(work / "manual.pt"),
                 str(out),
