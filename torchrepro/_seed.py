@@ -142,7 +142,8 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
 
     Args:
         seed: an int in ``[0, 2**64 - 1]``. ``None`` reads ``TORCHREPRO_SEED``; if that is
-            unset, a seed is drawn from OS entropy and logged at INFO level.
+            unset, a seed is drawn from OS entropy and logged at WARNING level
+            (the ``torchrepro`` logger: printed to stderr unless logging is configured).
         per_rank: mix the torch.distributed global rank (or ``RANK``) into the streams,
             so each rank draws differently (dropout). The default keeps every rank's
             streams identical, so model initialisation agrees across ranks.
@@ -164,7 +165,9 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
         seed = seed_from_env()
         if seed is None:
             seed = secrets.randbits(32)
-            log.info(
+            # WARNING, not INFO: shown on stderr without any logging set up, since a run
+            # cannot be repeated without it.
+            log.warning(
                 "torchrepro: no seed given; drew seed %d (set TORCHREPRO_SEED=%d to repeat)",
                 seed,
                 seed,
