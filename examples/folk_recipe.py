@@ -30,12 +30,13 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images only")
     parser.add_argument("--num-workers", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # What `torchrepro check --vary num_workers=...` sets; read here too, for a fair comparison.
     workers = int(os.environ.get("TORCHREPRO_NUM_WORKERS", args.num_workers))
 
@@ -49,7 +50,7 @@ def main() -> None:
     generator = torch.Generator()
     generator.manual_seed(0)
     loader = torch.utils.data.DataLoader(
-        Digits(),
+        Digits(args.limit),
         batch_size=args.batch_size,
         shuffle=True,
         drop_last=True,
@@ -74,7 +75,7 @@ def main() -> None:
             scheduler.step()
             trace.step(loss=loss, model=model)  # torchrepro
 
-    print(f"train accuracy {accuracy(model, Digits(), device):.3f}")
+    print(f"train accuracy {accuracy(model, Digits(args.limit), device):.3f}")
 
 
 if __name__ == "__main__":

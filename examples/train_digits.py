@@ -26,7 +26,7 @@ from digits import Digits, Net, accuracy
 import torchrepro
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -38,11 +38,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint", default=None, help="resume from / save to this file")
     parser.add_argument("--every", type=int, default=20, help="checkpoint every N steps")
     parser.add_argument("--save-final", default=None, help="write the final state here")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     # First of all: the model's initial weights and the data order draw from the RNGs.
     torchrepro.seed_everything()  # torchrepro: TORCHREPRO_SEED, or a drawn seed it prints
     torchrepro.deterministic("strict")  # torchrepro: deterministic kernels, cuDNN, cuBLAS

@@ -17,7 +17,7 @@ from digits import Digits, Net, accuracy
 import torchrepro
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -27,11 +27,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint", default=None, help="resume from / save to this file")
     parser.add_argument("--every", type=int, default=20, help="checkpoint every N steps")
     parser.add_argument("--save-final", default=None, help="write the final state here")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torchrepro.seed_everything()  # torchrepro: first, before the model and data draw from RNGs
     torchrepro.deterministic("strict")  # torchrepro
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

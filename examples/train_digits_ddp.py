@@ -25,7 +25,7 @@ from torch import nn
 import torchrepro
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -35,11 +35,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--checkpoint", default=None, help="resume from / save to this file")
     parser.add_argument("--every", type=int, default=20, help="checkpoint every N steps")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     # Every rank must use the same seed: a seed drawn on each rank would differ.
     os.environ.setdefault("TORCHREPRO_SEED", "0")
     torchrepro.seed_everything()  # torchrepro: the same initial weights on every rank
