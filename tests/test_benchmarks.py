@@ -17,6 +17,9 @@ import pytest
 
 pytest.importorskip("torchvision")
 
+# End-to-end: starts training processes (minutes in all); -m 'not slow' skips it.
+pytestmark = pytest.mark.slow
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 COLUMNS = ("torch", "torch + Lightning", "torchdata", "torchrepro")
 

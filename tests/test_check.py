@@ -12,6 +12,9 @@ import pytest
 SCRIPT = str(Path(__file__).parent / "scripts" / "tiny_train.py")
 CLI = [sys.executable, "-m", "torchrepro", "check"]
 
+# End-to-end: starts training processes (minutes in all); -m 'not slow' skips it.
+pytestmark = pytest.mark.slow
+
 
 def _check(
     args: list[str], tmp_path: Path, env: dict[str, str] | None = None

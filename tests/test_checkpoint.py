@@ -294,6 +294,7 @@ def test_checkpointer_bad_stop_at(tmp_path, monkeypatch, value):
         Checkpointer(tmp_path / "c.pt", every=10, counter=Counter())
 
 
+@pytest.mark.slow
 def test_stop_at_saves_then_exits_zero(tmp_path):
     script = textwrap.dedent(
         """
@@ -358,6 +359,7 @@ for k in range(kills):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="uses os.fork to start writers quickly")
 def test_kill_9_during_save_never_leaves_a_torn_file(tmp_path):
     path = tmp_path / "c.pt"

@@ -16,6 +16,9 @@ from torchrepro import derive_seed
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+# End-to-end: starts training processes (minutes in all); -m 'not slow' skips it.
+pytestmark = pytest.mark.slow
+
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits_ddp.py"
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3, so global batches agree across world sizes

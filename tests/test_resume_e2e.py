@@ -20,6 +20,9 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
+# End-to-end: starts training processes (minutes in all); -m 'not slow' skips it.
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARGS = ["--limit", "512", "--batch-size", "32", "--epochs", "2", "--every", "1000"]
 STEPS = 32
