@@ -1,13 +1,21 @@
-"""What torchrepro needs to know about torch.distributed: rank and world size."""
+"""What torchrepro needs to know about torch.distributed: rank, world size, and a bounded exchange."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime
+import itertools
+import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+
+from . import _envvars
+
+DEFAULT_TIMEOUT = 300.0  # seconds; TORCHREPRO_DIST_TIMEOUT replaces it
 
 
 def is_distributed() -> bool:
@@ -63,3 +71,86 @@ def world_size_change_allowed() -> Iterator[None]:
 def world_size_change_is_allowed() -> bool:
     """Whether the caller is inside :func:`world_size_change_allowed`."""
     return _WORLD_SIZE_CHANGE.get()
+
+
+def timeout() -> float:
+    """How long :func:`exchange` waits for the other ranks, in seconds.
+
+    ``TORCHREPRO_DIST_TIMEOUT`` (a number of seconds > 0), else 300.
+
+    Raises:
+        ValueError: naming the variable, when it is not a positive number.
+    """
+    raw = os.environ.get(_envvars.DIST_TIMEOUT, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"environment variable {_envvars.DIST_TIMEOUT} must be a number of seconds > 0, "
+            f"got {raw!r}"
+        )
+    return value
+
+
+class ExchangeTimeoutError(TimeoutError):
+    """Some ranks did not reach the same :func:`exchange` in time.
+
+    Attributes:
+        missing: the ranks that did not arrive.
+    """
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+_sequence = itertools.count(1)
+
+
+def _store() -> Any:
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def exchange(value: bytes) -> list[bytes]:
+    """Every rank's ``value``, in rank order, waiting at most :func:`timeout` seconds.
+
+    Goes through the process group's key-value store, not a collective of the backend:
+    it needs no device, cannot be mixed up with the training loop's collectives, and a
+    rank that never arrives (it raised, returned early, or called something else) is
+    named after the timeout instead of blocking every rank for the backend's 30 minutes.
+    Outside torch.distributed it returns ``[value]``.
+
+    Raises:
+        ExchangeTimeoutError: some ranks did not arrive in time (they are named).
+        ValueError: ``TORCHREPRO_DIST_TIMEOUT`` is malformed.
+    """
+    if not is_distributed():
+        return [value]
+    seconds = timeout()
+    store = _store()
+    step, me, world = next(_sequence), group_rank(), world_size()
+    keys = [f"torchrepro/exchange/{step}/{r}" for r in range(world)]
+    store.set(keys[me], value)
+    try:
+        store.wait(keys, datetime.timedelta(seconds=seconds))
+    except Exception as exc:  # the store's timeout error, or a peer hosting the store is gone
+        try:
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        except Exception:
+            missing = [r for r in range(world) if r != me]
+        raise ExchangeTimeoutError(
+            f"rank{'s' if len(missing) != 1 else ''} {', '.join(map(str, missing))} did not "
+            f"arrive within {seconds:g} s ({type(exc).__name__}: {exc})",
+            missing,
+        ) from exc
+    values = [bytes(store.get(key)) for key in keys]
+    if step > 1:  # every rank has written this step, so all have read the previous one
+        with contextlib.suppress(Exception):
+            store.delete_key(f"torchrepro/exchange/{step - 1}/{me}")
+    return values
