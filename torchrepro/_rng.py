@@ -237,13 +237,34 @@ def rng_state_problems(state: dict[str, Any]) -> list[str]:
 
 
 def _apply(state: dict[str, Any]) -> None:
-    np = _numpy()
+    for setter in _SETTERS:
+        setter(state)
+
+
+def _rollback(state: dict[str, Any]) -> None:
+    """Put back every domain that can be put back (one failing must not stop the others)."""
+    for setter in _SETTERS:
+        with contextlib.suppress(Exception):
+            setter(state)
+
+
+def _set_python(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((int(version), tuple(internal), gauss))
+
+
+def _set_numpy(state: dict[str, Any]) -> None:
+    np = _numpy()
     numpy_state = state.get("numpy")
     if numpy_state is not None and np is not None:
         np.random.set_state(_numpy_tuple(np, numpy_state))
+
+
+def _set_torch(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+
+
+def _set_devices(state: dict[str, Any]) -> None:
     cuda_states = list(state.get("cuda", []))
     # torch.cuda.set_rng_state defers to CUDA's initialisation when CUDA is not up yet.
     n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -254,6 +275,9 @@ def _apply(state: dict[str, Any]) -> None:
         torch.xpu.set_rng_state(xpu_states[device], device)
     if state.get("mps") is not None and _mps_available():
         torch.mps.set_rng_state(state["mps"])
+
+
+_SETTERS = (_set_python, _set_numpy, _set_torch, _set_devices)
 
 
 def set_rng_state(state: dict[str, Any], *, strict: bool = True) -> None:
@@ -288,7 +312,7 @@ def set_rng_state(state: dict[str, Any], *, strict: bool = True) -> None:
     try:
         _apply(state)
     except BaseException as exc:
-        _apply(previous)
+        _rollback(previous)
         if isinstance(exc, Exception):
             raise RNGStateError(
                 f"restoring the RNG state failed, every RNG was put back as it was: {exc}"
