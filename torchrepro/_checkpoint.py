@@ -175,7 +175,7 @@ def _build_states(objects: Mapping[str, Any]) -> dict[str, Any]:
             raise CheckpointError(f"{name}.state_dict() failed: {_describe(exc)}") from exc
         problem = _ckptfile.unloadable(states[name], f"{name}.state_dict()")
         if problem is not None:
-            raise CheckpointError(f"cannot checkpoint {name}=: {problem}")
+            raise CheckpointError(f"{name}= cannot be saved: {problem}")
     return states
 
 
@@ -189,7 +189,7 @@ def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[st
             raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
         problem = _ckptfile.unloadable(extra or {}, "extra")
         if problem is not None:
-            raise TypeError(f"cannot checkpoint {problem}")
+            raise TypeError(f"extra cannot be saved: {problem}")
         return target, kept
 
     checked, error = _attempt(check_arguments)

@@ -128,8 +128,8 @@ def unloadable(value: object, where: str) -> str | None:
 
 def _refusal(value: object, path: str) -> str:
     return (
-        f"{path}: {_type_name(value)} cannot be loaded back by torch.load(weights_only=True), "
-        f"so the checkpoint could never be loaded; {_hint(value)}"
+        f"{path}: {_type_name(value)} is refused by torch.load(weights_only=True), so the "
+        f"checkpoint could never be loaded; {_hint(value)}"
     )
 
 
@@ -270,7 +270,7 @@ class _Window(io.RawIOBase):
         return self._f.readinto(view)  # type: ignore[attr-defined, no-any-return]
 
 
-def _unpickle(f: IO[bytes], length: int, map_location: str, where: str) -> Any:
+def _unpickle(f: IO[bytes], length: int, map_location: str, failure: str) -> Any:
     try:
         return torch.load(
             io.BufferedReader(_Window(f, HEADER, length), _CHUNK),
@@ -278,7 +278,7 @@ def _unpickle(f: IO[bytes], length: int, map_location: str, where: str) -> Any:
             map_location=map_location,
         )
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {where} cannot be unpickled safely: {exc}") from exc
+        raise CheckpointError(f"{failure}: {exc}") from exc
 
 
 def write(path: Path, content: dict[str, Any]) -> None:
@@ -305,7 +305,8 @@ def write(path: Path, content: dict[str, Any]) -> None:
             f.write(MAGIC + writer.sha.digest() + writer.length.to_bytes(8, "little"))
             f.flush()
             # Never leave a file nobody can read back: unpickle it as load will (no data read).
-            _unpickle(f, writer.length, "meta", repr(str(path)))
+            failure = f"checkpoint {str(path)!r} not written: it would not load back"
+            _unpickle(f, writer.length, "meta", failure)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -372,7 +373,7 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
             raise CheckpointError(
                 f"checkpoint {where} is corrupted: its checksum does not match its contents"
             )
-        content = _unpickle(f, length, "cpu", where)
+        content = _unpickle(f, length, "cpu", f"checkpoint {where} cannot be unpickled safely")
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not a torchrepro checkpoint")
     version = content.get("format_version")
