@@ -186,9 +186,9 @@ def test_strict_must_be_a_bool(tmp_path, strict):
 
 @pytest.mark.parametrize("path", [None, 3, b"c.pt"])
 def test_path_must_be_a_path(path):
-    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike"):
         load_checkpoint(path, counter=Counter())
-    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike"):
         save_checkpoint(path, counter=Counter())
 
 
