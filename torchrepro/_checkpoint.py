@@ -108,7 +108,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
 # ----------------------------------------------------------------------------- agreement
 
 
-def _exchange(value: Any, what: str) -> list[Any]:
+def _exchange(value: Any, call: str) -> list[Any]:
     """Every rank's ``value`` (plain data and tensors), in rank order, with a bounded wait."""
     if not _dist.is_distributed():
         return [value]
@@ -118,7 +118,7 @@ def _exchange(value: Any, what: str) -> list[Any]:
         raw = _dist.exchange(buffer.getvalue())
     except _dist.ExchangeTimeoutError as exc:
         raise CheckpointError(
-            f"rank {_dist.group_rank()} waited in {what} for the other ranks: {exc}. Every rank "
+            f"rank {_dist.group_rank()} waited in {call} for the other ranks: {exc}. Every rank "
             f"must call it, with the same path (a save under `if rank == 0:` leaves the others "
             f"out); set {_envvars.DIST_TIMEOUT} to wait longer"
         ) from exc
@@ -129,27 +129,28 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _agree(what: str, local: BaseException | None, **facts: Any) -> list[dict[str, Any]]:
+def _agree(call: str, local: BaseException | None, **facts: Any) -> list[dict[str, Any]]:
     """Exchange ``facts`` and each rank's error; raise on every rank if any rank failed.
 
+    ``call`` names the operation and its path for messages (``save_checkpoint('c.pt')``).
     The rank that failed raises its own exception; the others raise a CheckpointError that
-    names each failing rank and its cause. ``facts["path"]``, when given, must agree.
+    names each failing rank and its cause. ``facts["op"]`` and ``facts["path"]``, when
+    given, must be the same on every rank.
     """
-    mine = {"what": what, "error": None if local is None else _describe(local), **facts}
-    every = _exchange(mine, what)
+    mine = {"error": None if local is None else _describe(local), **facts}
+    every = _exchange(mine, call)
     if local is not None:
         raise local
     failures = [f"rank {r}: {v['error']}" for r, v in enumerate(every) if v.get("error")]
     if failures:
-        raise CheckpointError(f"{what} failed on another rank; " + "; ".join(failures))
-    calls = {v.get("what") for v in every}
-    if len(calls) > 1:
-        listed = ", ".join(f"rank {r} in {v.get('what')}" for r, v in enumerate(every))
+        raise CheckpointError(f"{call} failed on another rank; " + "; ".join(failures))
+    if len({v.get("op") for v in every}) > 1:
+        listed = ", ".join(f"rank {r} in {v.get('op')}" for r, v in enumerate(every))
         raise CheckpointError(f"ranks are in different checkpoint calls ({listed})")
-    if "path" in facts and len({v.get("path") for v in every}) > 1:
+    if len({v.get("path") for v in every}) > 1:
         listed = ", ".join(f"rank {r}: {v.get('path')!r}" for r, v in enumerate(every))
         raise CheckpointError(
-            f"{what}: ranks passed different paths ({listed}); every rank must pass the same "
+            f"{call}: ranks passed different paths ({listed}); every rank must pass the same "
             "path (rank 0 writes it, every rank reads it)"
         )
     return every
@@ -180,8 +181,6 @@ def _build_states(objects: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[str, Any]) -> None:
-    what = "save_checkpoint"
-
     def check_arguments() -> tuple[Path, dict[str, Any]]:
         target = _check_path(path)
         kept = _check_objects(objects)
@@ -194,14 +193,14 @@ def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[st
 
     checked, error = _attempt(check_arguments)
     shown = str(path) if isinstance(path, (str, os.PathLike)) else repr(path)
+    call = f"save_checkpoint({shown!r})"
     # Before any collective: the ranks agree on the call, the path and each one's error.
-    _agree(what, error, path=shown)
+    _agree(call, error, op="save_checkpoint", path=shown)
     target, kept = checked
-    what = f"save_checkpoint({shown!r})"
     # Every rank builds the state dicts (FSDP and ZeRO build them collectively) and
     # gives its RNG state; rank 0 alone writes.
     states, error = _attempt(lambda: (_build_states(kept), get_rng_state()))
-    every = _agree(what, error, rng=None if states is None else states[1])
+    every = _agree(call, error, rng=None if states is None else states[1])
     error = None
     if _dist.group_rank() == 0:
         content = {
@@ -220,7 +219,7 @@ def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[st
         del content
     # Nobody reads or exits before the file is complete, and a failure on rank 0 reaches
     # every rank instead of leaving them waiting.
-    _agree(what, error)
+    _agree(call, error)
 
 
 def save_checkpoint(
@@ -418,8 +417,6 @@ def _restore_rng(path: Path, content: dict[str, Any], strict: bool, resized: boo
 def _load(
     path: object, objects: Mapping[str, Any], strict: object
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    what = "load_checkpoint"
-
     def read() -> tuple[Path, dict[str, Any], dict[str, Any], str]:
         source = _check_path(path)
         _check_bool(strict, "strict")
@@ -431,10 +428,12 @@ def _load(
 
     done, error = _attempt(read)
     shown = str(path) if isinstance(path, (str, os.PathLike)) else repr(path)
+    call = f"load_checkpoint({shown!r})"
     # Before any collective: same call, same path, every rank could read it.
-    every = _agree(what, error, path=shown, digest=None if done is None else done[3])
+    every = _agree(
+        call, error, op="load_checkpoint", path=shown, digest=None if done is None else done[3]
+    )
     source, kept, content, _digest = done
-    what = f"load_checkpoint({shown!r})"
     if len({v["digest"] for v in every}) > 1:
         ranks = [str(r) for r, v in enumerate(every) if v["digest"] != every[0]["digest"]]
         raise CheckpointError(
@@ -457,9 +456,9 @@ def _load(
 
     # Everything that can be checked is checked on every rank before any object is touched.
     resized, error = _attempt(validate)
-    _agree(what, error)
+    _agree(call, error)
     _none, error = _attempt(check_modules)
-    _agree(what, error)
+    _agree(call, error)
     _warn_environment(source, content.get("fingerprint"))
     loaded: list[str] = []
 
@@ -480,7 +479,7 @@ def _load(
                 loaded.append(name)
 
     _none, error = _attempt(load_objects)
-    _agree(what, error)
+    _agree(call, error)
     _restore_rng(
         source, content, strict, resized
     )  # last: nothing may draw between this and the loop
@@ -614,7 +613,13 @@ class Checkpointer:
             return None
         path = self.path
         exists, error = _attempt(path.exists)
-        every = _agree("Checkpointer.resume", error, path=str(path), exists=exists)
+        every = _agree(
+            f"Checkpointer.resume() of {str(path)!r}",
+            error,
+            op="Checkpointer.resume",
+            path=str(path),
+            exists=exists,
+        )
         if not every[0]["exists"]:  # rank 0 decides for every rank
             return None
         extra, meta = _load(path, self.objects, strict)

@@ -146,7 +146,7 @@ def exchange(value: bytes) -> list[bytes]:
             missing = [r for r in range(world) if r != me]
         raise ExchangeTimeoutError(
             f"rank{'s' if len(missing) != 1 else ''} {', '.join(map(str, missing))} did not "
-            f"arrive within {seconds:g} s ({type(exc).__name__}: {exc})",
+            f"arrive within {seconds:g} s ({type(exc).__name__})",
             missing,
         ) from exc
     values = [bytes(store.get(key)) for key in keys]
