@@ -256,3 +256,13 @@ def test_never_writes_a_file_it_cannot_read(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="would not load back"):
         save_checkpoint(path, counter=Counter(np.float64(1.0)))
     assert os.listdir(tmp_path) == ["c.pt"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_memory_benchmark_runs():
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "checkpoint_memory.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--mb", "8"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| load_checkpoint |" in out.stdout and "x |" in out.stdout

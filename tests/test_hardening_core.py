@@ -163,3 +163,20 @@ def test_audit_restores_non_persistent_buffers(rebind):
 
 def test_rng_module_reports_no_cuda_state_for_an_uninitialised_device():
     assert rng_mod.rng_state_problems({**get_rng_state(), "cuda": []}) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_queries_leave_cuda_uninitialised(run_python):
+    code = (
+        "import torch, torchrepro\n"
+        "torchrepro.get_rng_state()\n"
+        "with torchrepro.isolated_rng():\n"
+        "    pass\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "with torchrepro.deterministic('strict'):\n"
+        "    x = torch.ones(4, 4, device='cuda')\n"
+        "    state = torchrepro.get_rng_state()\n"
+        "    assert len(state['cuda']) == torch.cuda.device_count()\n"
+        "    torchrepro.set_rng_state(state)\n"
+    )
+    run_python(code, env={"CUBLAS_WORKSPACE_CONFIG": ""})
