@@ -108,52 +108,80 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
 # ----------------------------------------------------------------------------- agreement
 
 
-def _exchange(value: Any, call: str) -> list[Any]:
-    """Every rank's ``value`` (plain data and tensors), in rank order, with a bounded wait."""
-    if not _dist.is_distributed():
-        return [value]
+def _dumps(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
-    try:
-        raw = _dist.exchange(buffer.getvalue())
-    except _dist.ExchangeTimeoutError as exc:
-        raise CheckpointError(
-            f"rank {_dist.group_rank()} waited in {call} for the other ranks: {exc}. Every rank "
-            f"must call it, with the same path (a save under `if rank == 0:` leaves the others "
-            f"out); set {_envvars.DIST_TIMEOUT} to wait longer"
-        ) from exc
-    return [torch.load(io.BytesIO(r), weights_only=True) for r in raw]
+    return buffer.getvalue()
+
+
+def _loads(raw: bytes) -> Any:
+    return torch.load(io.BytesIO(raw), weights_only=True)
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _agree(call: str, local: BaseException | None, **facts: Any) -> list[dict[str, Any]]:
-    """Exchange ``facts`` and each rank's error; raise on every rank if any rank failed.
-
-    ``call`` names the operation and its path for messages (``save_checkpoint('c.pt')``).
-    The rank that failed raises its own exception; the others raise a CheckpointError that
-    names each failing rank and its cause. ``facts["op"]`` and ``facts["path"]``, when
-    given, must be the same on every rank.
-    """
-    mine = {"error": None if local is None else _describe(local), **facts}
-    every = _exchange(mine, call)
-    if local is not None:
-        raise local
+def _verdict(call: str, every: list[dict[str, Any]]) -> str | None:
+    """Why the ranks cannot go on together (the same message for every rank), or None."""
     failures = [f"rank {r}: {v['error']}" for r, v in enumerate(every) if v.get("error")]
     if failures:
-        raise CheckpointError(f"{call} failed on another rank; " + "; ".join(failures))
+        return f"{call} failed on another rank; " + "; ".join(failures)
     if len({v.get("op") for v in every}) > 1:
         listed = ", ".join(f"rank {r} in {v.get('op')}" for r, v in enumerate(every))
-        raise CheckpointError(f"ranks are in different checkpoint calls ({listed})")
+        return f"ranks are in different checkpoint calls ({listed})"
     if len({v.get("path") for v in every}) > 1:
         listed = ", ".join(f"rank {r}: {v.get('path')!r}" for r, v in enumerate(every))
-        raise CheckpointError(
+        return (
             f"{call}: ranks passed different paths ({listed}); every rank must pass the same "
             "path (rank 0 writes it, every rank reads it)"
         )
-    return every
+    if len({v.get("digest") for v in every}) > 1:
+        ranks = [str(r) for r, v in enumerate(every) if v.get("digest") != every[0].get("digest")]
+        return (
+            f"{call}: ranks read different checkpoints (ranks {', '.join(ranks)} differ from "
+            "rank 0): every rank must see the same file, e.g. on a shared filesystem"
+        )
+    return None
+
+
+def _agree(
+    call: str, local: BaseException | None, **facts: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """Agree with the other ranks on ``facts`` and on each rank's error, before going on.
+
+    ``call`` names the operation and its path for messages (``save_checkpoint('c.pt')``).
+    Rank 0 gathers every rank's facts and decides; when any rank failed, or the ranks are
+    in different calls, passed different paths or read different files, every rank
+    raises: the failing rank its own exception, the others a CheckpointError naming each
+    failing rank and its cause. Returns rank 0's facts (what rank 0 decides for all) and,
+    on rank 0, every rank's facts.
+    """
+    mine = {"error": None if local is None else _describe(local), **facts}
+
+    def decide(raws: list[bytes]) -> bytes:
+        every = [_loads(r) for r in raws]
+        return _dumps({"failure": _verdict(call, every), "rank0": every[0]})
+
+    if _dist.is_distributed():
+        try:
+            raw, raws = _dist.agree(_dumps(mine), decide)
+        except _dist.ExchangeTimeoutError as exc:
+            raise CheckpointError(
+                f"rank {_dist.group_rank()} waited in {call} for the other ranks: {exc}. Every "
+                f"rank must call it, with the same path (a save under `if rank == 0:` leaves "
+                f"the others out); set {_envvars.DIST_TIMEOUT} to wait longer"
+            ) from exc
+        decision = _loads(raw)
+        every = None if raws is None else [_loads(r) for r in raws]
+    else:
+        every = [mine]
+        decision = {"failure": _verdict(call, every), "rank0": mine}
+    if local is not None:
+        raise local
+    if decision["failure"] is not None:
+        raise CheckpointError(decision["failure"])
+    return decision["rank0"], every
 
 
 def _attempt(step: Any) -> tuple[Any, BaseException | None]:
@@ -200,9 +228,9 @@ def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[st
     # Every rank builds the state dicts (FSDP and ZeRO build them collectively) and
     # gives its RNG state; rank 0 alone writes.
     states, error = _attempt(lambda: (_build_states(kept), get_rng_state()))
-    every = _agree(call, error, rng=None if states is None else states[1])
+    _rank0, every = _agree(call, error, rng=None if states is None else states[1])
     error = None
-    if _dist.group_rank() == 0:
+    if every is not None:  # rank 0
         content = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -430,16 +458,8 @@ def _load(
     shown = str(path) if isinstance(path, (str, os.PathLike)) else repr(path)
     call = f"load_checkpoint({shown!r})"
     # Before any collective: same call, same path, every rank could read it.
-    every = _agree(
-        call, error, op="load_checkpoint", path=shown, digest=None if done is None else done[3]
-    )
+    _agree(call, error, op="load_checkpoint", path=shown, digest=None if done is None else done[3])
     source, kept, content, _digest = done
-    if len({v["digest"] for v in every}) > 1:
-        ranks = [str(r) for r, v in enumerate(every) if v["digest"] != every[0]["digest"]]
-        raise CheckpointError(
-            f"ranks read different checkpoints at {shown!r} (ranks {', '.join(ranks)} differ from "
-            "rank 0): every rank must see the same file, e.g. on a shared filesystem"
-        )
     assert isinstance(strict, bool)
     saved: dict[str, Any] = content["objects"]
 
@@ -613,14 +633,14 @@ class Checkpointer:
             return None
         path = self.path
         exists, error = _attempt(path.exists)
-        every = _agree(
+        rank0, _every = _agree(
             f"Checkpointer.resume() of {str(path)!r}",
             error,
             op="Checkpointer.resume",
             path=str(path),
             exists=exists,
         )
-        if not every[0]["exists"]:  # rank 0 decides for every rank
+        if not rank0["exists"]:  # rank 0 decides for every rank
             return None
         extra, meta = _load(path, self.objects, strict)
         self.steps = int(meta.get("steps", 0))

@@ -198,6 +198,8 @@ def remove_stale_temps(path: Path) -> list[Path]:
     path = target(path)
     pattern = _temp_pattern(path.name)
     removed: list[Path] = []
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there, not probe it
+        return removed
     try:
         names = os.listdir(path.parent)
     except OSError:

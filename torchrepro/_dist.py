@@ -8,7 +8,7 @@ import datetime
 import itertools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -74,7 +74,7 @@ def world_size_change_is_allowed() -> bool:
 
 
 def timeout() -> float:
-    """How long :func:`exchange` waits for the other ranks, in seconds.
+    """How long :func:`agree` waits for the other ranks, in seconds.
 
     ``TORCHREPRO_DIST_TIMEOUT`` (a number of seconds > 0), else 300.
 
@@ -97,7 +97,7 @@ def timeout() -> float:
 
 
 class ExchangeTimeoutError(TimeoutError):
-    """Some ranks did not reach the same :func:`exchange` in time.
+    """Some ranks did not reach the same :func:`agree` in time.
 
     Attributes:
         missing: the ranks that did not arrive.
@@ -117,40 +117,62 @@ def _store() -> Any:
     return distributed_c10d._get_default_store()
 
 
-def exchange(value: bytes) -> list[bytes]:
-    """Every rank's ``value``, in rank order, waiting at most :func:`timeout` seconds.
+def agree(value: bytes, decide: Callable[[list[bytes]], bytes]) -> tuple[bytes, list[bytes] | None]:
+    """Rank 0 gathers every rank's ``value`` and decides; every rank gets the decision.
 
-    Goes through the process group's key-value store, not a collective of the backend:
-    it needs no device, cannot be mixed up with the training loop's collectives, and a
-    rank that never arrives (it raised, returned early, or called something else) is
-    named after the timeout instead of blocking every rank for the backend's 30 minutes.
-    Outside torch.distributed it returns ``[value]``.
+    Returns ``(decision, values)``: ``values`` is every rank's value in rank order on rank
+    0, None on the others. Goes through the process group's key-value store, not a
+    collective of the backend: it needs no device, cannot be mixed up with the training
+    loop's collectives, and costs O(world size) messages. Rank 0 waits at most
+    :func:`timeout` seconds for the others and then tells every rank that arrived which
+    ranks did not; the others wait at most twice that for rank 0. Outside
+    torch.distributed it returns ``(decide([value]), [value])``.
 
     Raises:
         ExchangeTimeoutError: some ranks did not arrive in time (they are named).
         ValueError: ``TORCHREPRO_DIST_TIMEOUT`` is malformed.
     """
     if not is_distributed():
-        return [value]
+        return decide([value]), [value]
     seconds = timeout()
     store = _store()
     step, me, world = next(_sequence), group_rank(), world_size()
-    keys = [f"torchrepro/exchange/{step}/{r}" for r in range(world)]
-    store.set(keys[me], value)
-    try:
-        store.wait(keys, datetime.timedelta(seconds=seconds))
-    except Exception as exc:  # the store's timeout error, or a peer hosting the store is gone
+    base = f"torchrepro/agree/{step}/"
+    store.set(base + str(me), value)
+    if me == 0:
+        keys = [base + str(r) for r in range(world)]
         try:
-            missing = [r for r, key in enumerate(keys) if not store.check([key])]
-        except Exception:
-            missing = [r for r in range(world) if r != me]
-        raise ExchangeTimeoutError(
-            f"rank{'s' if len(missing) != 1 else ''} {', '.join(map(str, missing))} did not "
-            f"arrive within {seconds:g} s ({type(exc).__name__})",
-            missing,
-        ) from exc
-    values = [bytes(store.get(key)) for key in keys]
-    if step > 1:  # every rank has written this step, so all have read the previous one
+            store.wait(keys, datetime.timedelta(seconds=seconds))
+        except Exception as exc:  # the store's timeout error
+            try:
+                missing = [r for r, key in enumerate(keys) if not store.check([key])]
+            except Exception:
+                missing = list(range(1, world))
+            message = (
+                f"rank{'s' if len(missing) != 1 else ''} {', '.join(map(str, missing))} did not "
+                f"arrive within {seconds:g} s ({type(exc).__name__})"
+            )
+            with contextlib.suppress(Exception):  # release the ranks that did arrive
+                store.set(base + "decision", b"\x00" + message.encode())
+            raise ExchangeTimeoutError(message, missing) from exc
+        values = [bytes(store.get(key)) for key in keys]
+        decision = decide(values)
+        store.set(base + "decision", b"\x01" + decision)
+    else:
+        values = None
+        try:
+            store.wait([base + "decision"], datetime.timedelta(seconds=2 * seconds))
+            raw = bytes(store.get(base + "decision"))
+        except Exception as exc:  # rank 0 never came, or the store it hosts is gone
+            raise ExchangeTimeoutError(
+                f"rank 0 did not answer within {2 * seconds:g} s ({type(exc).__name__})", [0]
+            ) from exc
+        if raw[:1] == b"\x00":
+            raise ExchangeTimeoutError(raw[1:].decode(), [])
+        decision = raw[1:]
+    if step > 1:  # every rank has reached this step, so all are done with the previous one
         with contextlib.suppress(Exception):
-            store.delete_key(f"torchrepro/exchange/{step - 1}/{me}")
-    return values
+            store.delete_key(f"torchrepro/agree/{step - 1}/{me}")
+            if me == 0:
+                store.delete_key(f"torchrepro/agree/{step - 1}/decision")
+    return decision, values
