@@ -84,14 +84,14 @@ def _check_objects(objects: Mapping[str, object]) -> dict[str, Any]:
     return kept
 
 
-def _check_path(path: object, name: str = "path") -> Path:
+def _check_path(path: object, *, none: str = "") -> Path:
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise TypeError(
-            f"{name} must be a str or os.PathLike naming the checkpoint file, got "
+            f"path must be a str or os.PathLike naming the checkpoint file{none}, got "
             f"{type(path).__name__} {path!r}"
         )
     if not os.fspath(path):
-        raise ValueError(f"{name} must name the checkpoint file, got an empty string")
+        raise ValueError("path must name the checkpoint file, got an empty string")
     return Path(path)
 
 
@@ -601,7 +601,7 @@ class Checkpointer:
         if every < 1:
             raise ValueError(f"every must be an int >= 1 (save every N steps), got {every}")
         if path is not None:
-            _check_path(path)
+            _check_path(path, none=" (or None: no checkpointing)")
         self.objects = _check_objects(objects)
         override = _envvars.env_path(_envvars.CHECKPOINT)
         chosen = override if override is not None else path
