@@ -266,3 +266,12 @@ def test_memory_benchmark_runs():
     )
     assert out.returncode == 0, out.stderr
     assert "| load_checkpoint |" in out.stdout and "x |" in out.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_or_directory_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo.pt")
+    (tmp_path / "dir.pt").mkdir()
+    for name in ("fifo.pt", "dir.pt"):
+        with pytest.raises(CheckpointError, match="is not a regular file"):
+            load_checkpoint(tmp_path / name, counter=Counter())

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path, PurePath
@@ -331,13 +332,17 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
     """
     where = repr(str(path))
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below; one open file for hashing and loading
+        # Non-blocking open: a FIFO at the path must not hang the load.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {where}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"checkpoint path {where} is a directory, not a file") from None
     except OSError as exc:
         raise CheckpointError(f"cannot open checkpoint {where}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"checkpoint path {where} is not a regular file")
+    os.set_blocking(fd, True)
+    f = os.fdopen(fd, "rb")
     with f:
         try:
             size = os.fstat(f.fileno()).st_size
