@@ -581,7 +581,7 @@ class Checkpointer:
         ``TORCHREPRO_STOP_AT=K``: when ``.steps`` reaches K, save and end the process with
         status 0 (a clean stand-in for a crash right after a save).
 
-    Logging (logger ``"torchrepro"``, WARNING, so visible by default): ``resume()`` says
+    Logging (logger ``"torchrepro"``, WARNING, so visible by default; rank 0 only): ``resume()`` says
     "resumed from PATH at step K"; and when a resumed process ends without a single
     further ``step()``, it says the checkpoint was already at the end of training (running
     a finished script again trains nothing).
@@ -645,8 +645,9 @@ class Checkpointer:
         extra, meta = _load(path, self.objects, strict)
         self.steps = int(meta.get("steps", 0))
         self._resumed_at = self.steps
-        log.warning("torchrepro: resumed from %s at step %d", path, self.steps)
-        atexit.register(_report_no_progress, weakref.ref(self))
+        if _dist.group_rank() == 0:  # once per run, not once per rank
+            log.warning("torchrepro: resumed from %s at step %d", path, self.steps)
+            atexit.register(_report_no_progress, weakref.ref(self))
         return extra
 
     def save(self, extra: dict[str, Any] | None = None) -> None:
