@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from . import _ckptfile, _dist, _envvars
+from . import _ckptfile, _dist, _envvars, _runinfo
 from ._ckptfile import FORMAT, FORMAT_VERSION, MAGIC
 from ._determinism import current_settings
 from ._envdiff import diff_fingerprints
@@ -546,7 +546,8 @@ def load_checkpoint(
         TorchreproWarning: the saving machine's fingerprint differs in ways that change
             numerics (the reasons ``torchrepro env --diff`` gives).
     """
-    extra, _meta = _load(path, objects, strict)
+    extra, meta = _load(path, objects, strict)
+    _runinfo.note("resumed_from", meta.get("steps"))  # for the trace header (None: unknown)
     return extra
 
 
@@ -644,6 +645,7 @@ class Checkpointer:
             return None
         extra, meta = _load(path, self.objects, strict)
         self.steps = int(meta.get("steps", 0))
+        _runinfo.note("resumed_from", self.steps)  # for the trace header
         self._resumed_at = self.steps
         if _dist.group_rank() == 0:  # once per run, not once per rank
             log.warning("torchrepro: resumed from %s at step %d", path, self.steps)
