@@ -145,7 +145,7 @@ def _verdict(call: str, every: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def _agree(
+def _settle(
     call: str, local: BaseException | None, **facts: Any
 ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """Agree with the other ranks on ``facts`` and on each rank's error, before going on.
@@ -182,6 +182,20 @@ def _agree(
     if decision["failure"] is not None:
         raise CheckpointError(decision["failure"])
     return decision["rank0"], every
+
+
+def _agree(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order: a collective of the backend (``[value]`` alone).
+
+    For callers already inside a framework's own collective step (the Lightning
+    integration gathers every rank's RNG state with it); checkpoint calls use
+    :func:`_settle`, which is bounded and goes through the store.
+    """
+    if not _dist.is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * _dist.world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _attempt(step: Any) -> tuple[Any, BaseException | None]:
@@ -223,12 +237,12 @@ def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[st
     shown = str(path) if isinstance(path, (str, os.PathLike)) else repr(path)
     call = f"save_checkpoint({shown!r})"
     # Before any collective: the ranks agree on the call, the path and each one's error.
-    _agree(call, error, op="save_checkpoint", path=shown)
+    _settle(call, error, op="save_checkpoint", path=shown)
     target, kept = checked
     # Every rank builds the state dicts (FSDP and ZeRO build them collectively) and
     # gives its RNG state; rank 0 alone writes.
     states, error = _attempt(lambda: (_build_states(kept), get_rng_state()))
-    _rank0, every = _agree(call, error, rng=None if states is None else states[1])
+    _rank0, every = _settle(call, error, rng=None if states is None else states[1])
     error = None
     if every is not None:  # rank 0
         content = {
@@ -247,7 +261,7 @@ def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[st
         del content
     # Nobody reads or exits before the file is complete, and a failure on rank 0 reaches
     # every rank instead of leaving them waiting.
-    _agree(call, error)
+    _settle(call, error)
 
 
 def save_checkpoint(
@@ -458,7 +472,7 @@ def _load(
     shown = str(path) if isinstance(path, (str, os.PathLike)) else repr(path)
     call = f"load_checkpoint({shown!r})"
     # Before any collective: same call, same path, every rank could read it.
-    _agree(call, error, op="load_checkpoint", path=shown, digest=None if done is None else done[3])
+    _settle(call, error, op="load_checkpoint", path=shown, digest=None if done is None else done[3])
     source, kept, content, _digest = done
     assert isinstance(strict, bool)
     saved: dict[str, Any] = content["objects"]
@@ -476,9 +490,9 @@ def _load(
 
     # Everything that can be checked is checked on every rank before any object is touched.
     resized, error = _attempt(validate)
-    _agree(call, error)
+    _settle(call, error)
     _none, error = _attempt(check_modules)
-    _agree(call, error)
+    _settle(call, error)
     _warn_environment(source, content.get("fingerprint"))
     loaded: list[str] = []
 
@@ -499,7 +513,7 @@ def _load(
                 loaded.append(name)
 
     _none, error = _attempt(load_objects)
-    _agree(call, error)
+    _settle(call, error)
     _restore_rng(
         source, content, strict, resized
     )  # last: nothing may draw between this and the loop
@@ -634,7 +648,7 @@ class Checkpointer:
             return None
         path = self.path
         exists, error = _attempt(path.exists)
-        rank0, _every = _agree(
+        rank0, _every = _settle(
             f"Checkpointer.resume() of {str(path)!r}",
             error,
             op="Checkpointer.resume",
