@@ -275,3 +275,23 @@ def test_a_fifo_or_directory_is_refused_without_blocking(tmp_path):
     for name in ("fifo.pt", "dir.pt"):
         with pytest.raises(CheckpointError, match="is not a regular file"):
             load_checkpoint(tmp_path / name, counter=Counter())
+
+
+def test_module_with_a_load_hook_is_not_prechecked_for_keys(tmp_path):
+    # A module that renames keys on load (a migration) must not be refused by the pre-check.
+    path = tmp_path / "c.pt"
+    old = torch.nn.Linear(2, 2)
+    save_checkpoint(path, model=old)
+    content, _digest = ckpt_mod.read_checkpoint(path)
+    content["objects"]["model"] = {f"old_{k}": v for k, v in content["objects"]["model"].items()}
+    ckpt_file.write(path, content)
+
+    def rename(state_dict, prefix, *args):  # type: ignore[no-untyped-def]
+        for key in list(state_dict):
+            if key.startswith(prefix + "old_"):
+                state_dict[prefix + key[len(prefix) + 4 :]] = state_dict.pop(key)
+
+    model = torch.nn.Linear(2, 2)
+    model._register_load_state_dict_pre_hook(rename)
+    load_checkpoint(path, model=model)
+    assert torch.equal(model.weight, old.weight)

@@ -415,20 +415,37 @@ def _check_names(
     warnings.warn(message + "; loaded the names both have", TorchreproWarning, stacklevel=5)
 
 
+def _plain_loading(module: torch.nn.Module) -> bool:
+    """Whether ``module.load_state_dict`` takes keys as they are (no override, no key hooks)."""
+    if type(module).load_state_dict is not torch.nn.Module.load_state_dict:
+        return False
+    return not any(
+        getattr(m, "_load_state_dict_pre_hooks", None)
+        or getattr(m, "_load_state_dict_post_hooks", None)
+        for m in module.modules()
+    )
+
+
 def _check_module(path: Path, name: str, module: torch.nn.Module, saved: object) -> None:
-    """What ``Module.load_state_dict`` would refuse only after copying other tensors."""
+    """What ``Module.load_state_dict`` would refuse only after copying other tensors.
+
+    Shapes are compared for the keys both have; missing and unexpected keys only where
+    the module loads keys as they are (a custom ``load_state_dict`` or a load hook may
+    rename or add them).
+    """
     where = f"loading {name}= from checkpoint {str(path)!r} failed"
     if not isinstance(saved, Mapping):
         raise CheckpointError(f"{where}: the saved state is a {type(saved).__name__}, not a dict")
     own = module.state_dict()
-    missing = [k for k in own if k not in saved]
-    unexpected = [k for k in saved if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: missing keys {missing}, unexpected keys {unexpected}; nothing was loaded"
-        )
+    if _plain_loading(module):
+        missing = [k for k in own if k not in saved]
+        unexpected = [k for k in saved if k not in own]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{where}: missing keys {missing}, unexpected keys {unexpected}; nothing was loaded"
+            )
     for key, value in own.items():
-        other = saved[key]
+        other = saved.get(key)
         if (
             isinstance(value, torch.Tensor)
             and isinstance(other, torch.Tensor)
