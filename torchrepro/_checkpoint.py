@@ -245,20 +245,24 @@ def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[st
     _rank0, every = _settle(call, error, rng=None if states is None else states[1])
     error = None
     if every is not None:  # rank 0
-        content = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "torchrepro_version": __version__,
-            "objects": states[0],
-            "extra": dict(extra or {}),  # type: ignore[call-overload]
-            "rng": [v["rng"] for v in every],
-            "world_size": _dist.world_size(),
-            "determinism": current_settings(),
-            "fingerprint": fingerprint(),
-            "meta": meta,
-        }
-        _none, error = _attempt(lambda: _ckptfile.write(target, content))
-        del content
+        rng = [v["rng"] for v in every]
+
+        def write() -> None:
+            content = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "torchrepro_version": __version__,
+                "objects": states[0],
+                "extra": dict(extra or {}),  # type: ignore[call-overload]
+                "rng": rng,
+                "world_size": _dist.world_size(),
+                "determinism": current_settings(),
+                "fingerprint": fingerprint(),
+                "meta": meta,
+            }
+            _ckptfile.write(target, content)
+
+        _none, error = _attempt(write)
     # Nobody reads or exits before the file is complete, and a failure on rank 0 reaches
     # every rank instead of leaving them waiting.
     _settle(call, error)
