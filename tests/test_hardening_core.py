@@ -180,3 +180,21 @@ def test_real_cuda_queries_leave_cuda_uninitialised(run_python):
         "    torchrepro.set_rng_state(state)\n"
     )
     run_python(code, env={"CUBLAS_WORKSPACE_CONFIG": ""})
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "inf", "nan"])
+def test_bad_dist_timeout_names_the_variable(monkeypatch, value):
+    from torchrepro import _dist
+
+    monkeypatch.setenv("TORCHREPRO_DIST_TIMEOUT", value)
+    with pytest.raises(ValueError, match="TORCHREPRO_DIST_TIMEOUT must be a number of seconds > 0"):
+        _dist.timeout()
+
+
+def test_dist_timeout_default_and_override(monkeypatch):
+    from torchrepro import _dist
+
+    monkeypatch.delenv("TORCHREPRO_DIST_TIMEOUT", raising=False)
+    assert _dist.timeout() == 300.0
+    monkeypatch.setenv("TORCHREPRO_DIST_TIMEOUT", "2.5")
+    assert _dist.timeout() == 2.5
