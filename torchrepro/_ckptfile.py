@@ -115,6 +115,12 @@ def unloadable(value: object, where: str) -> str | None:
                 assert isinstance(item, (list, tuple))
                 stack.extend((sub, f"{path}[{i}]") for i, sub in reversed(list(enumerate(item))))
             continue
+        if kind in (set, frozenset):
+            assert isinstance(item, (set, frozenset))
+            stack.extend((sub, f"{path} item {sub!r}") for sub in item)
+            if not _probed.setdefault(kind, _round_trips(kind())):
+                return _refusal(item, path)
+            continue
         if kind in _PLAIN or kind in (torch.Tensor, torch.nn.Parameter):
             continue
         if isinstance(item, (dict, list, tuple)) or dataclasses.is_dataclass(item):
