@@ -95,13 +95,19 @@ def test_bad_flags_rejected():
         deterministic(tf32="no")  # type: ignore[arg-type]
 
 
-def test_cuda_already_initialised(monkeypatch):
+def test_cuda_memory_already_allocated(monkeypatch):
+    # cuBLAS reads CUBLAS_WORKSPACE_CONFIG at its first workspace (a GPU matmul, which needs
+    # CUDA memory), not at CUDA init: refuse only once CUDA memory has been allocated.
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    with pytest.raises(DeterminismError, match=r"before any CUDA work.*torchrepro run"):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda d: {"allocation.all.allocated": 4})
+    with pytest.raises(DeterminismError, match=r"already allocated CUDA memory.*torchrepro run"):
         deterministic("strict")
     assert not torch.are_deterministic_algorithms_enabled()  # nothing half-applied
     with (
-        pytest.warns(TorchreproWarning, match="CUDA is already initialised"),
+        pytest.warns(TorchreproWarning, match="cuBLAS may already have created its workspace"),
         deterministic("warn"),
     ):
         pass

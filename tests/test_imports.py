@@ -66,11 +66,15 @@ CORE = {
 VERIFICATION = {"_checksum", "_trace", "_compare", "_audit", "_check"}
 # What each layer must not import (the layers above it).
 FORBIDDEN = {
-    **{name: {"data", "_checkpoint", "_fingerprint", "_cli", *VERIFICATION} for name in CORE},
-    "_fingerprint": {"data", "_checkpoint", "_cli", *VERIFICATION},
-    "_checkpoint": {"data", "_cli", *VERIFICATION},
     **{
-        f"data/{p.stem}": {"_checkpoint", "_cli", *VERIFICATION}
+        name: {"data", "_checkpoint", "_ckptfile", "_fingerprint", "_cli", *VERIFICATION}
+        for name in CORE
+    },
+    "_fingerprint": {"data", "_checkpoint", "_ckptfile", "_cli", *VERIFICATION},
+    "_checkpoint": {"data", "_cli", *VERIFICATION},
+    "_ckptfile": {"data", "_checkpoint", "_fingerprint", "_cli", *VERIFICATION},
+    **{
+        f"data/{p.stem}": {"_checkpoint", "_ckptfile", "_cli", *VERIFICATION}
         for p in (PACKAGE / "data").glob("*.py")
     },
     **{name: {"_cli"} for name in VERIFICATION},

@@ -89,7 +89,7 @@ def test_foreign_device_state_strict_raises_non_strict_warns():
     ("mutate", "error", "match"),
     [
         (lambda s: s.update(version=99), RNGStateError, r"'version' must be 1, got 99"),
-        (lambda s: s.update(torch=[1, 2]), RNGStateError, "'torch' must be a uint8 tensor"),
+        (lambda s: s.update(torch=[1, 2]), RNGStateError, "'torch' must be a 1-D uint8 tensor"),
         (lambda s: s.update(python="x"), RNGStateError, "'python' must be"),
         (lambda s: s.update(extra=1), RNGStateError, "unknown keys"),
         (lambda s: s.update(numpy=[1]), RNGStateError, "'numpy' must be a dict"),

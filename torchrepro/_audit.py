@@ -146,7 +146,8 @@ def audit(
 ) -> AuditReport:
     """Run ``model`` several times from identical state and report what differed.
 
-    Each run starts from the same weights and buffers (BatchNorm statistics included)
+    Each run starts from the same weights and buffers (BatchNorm statistics and
+    non-persistent buffers included)
     and the same global RNG state, with gradients cleared, and runs the forward pass,
     then backward when ``loss_fn`` is given or the output is a one-element tensor that
     requires grad. Forward hooks record an exact checksum of every submodule's output
@@ -196,6 +197,16 @@ def audit(
     types = {name: type(m).__name__ for m, name in names.items()}
     params = list(model.named_parameters())
     saved_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # state_dict() leaves out non-persistent buffers (register_buffer(persistent=False)),
+    # which forward may change too (running statistics, caches): keep every buffer.
+    persistent = set(saved_state)
+    buffers = []  # (owner, attribute, the buffer tensor itself, a copy of its value)
+    for qualified, buffer in model.named_buffers():
+        if qualified not in persistent:
+            prefix, _, attribute = qualified.rpartition(".")
+            buffers.append(
+                (model.get_submodule(prefix), attribute, buffer, buffer.detach().clone())
+            )
     saved_grads = [p.grad for _, p in params]
     saved_modes = [(m, m.training) for m in names]
     input_leaves = [
@@ -211,6 +222,9 @@ def audit(
     def reset() -> None:
         with torch.no_grad():
             model.load_state_dict(saved_state)
+            for owner, attribute, buffer, value in buffers:
+                buffer.copy_(value)
+                owner._buffers[attribute] = buffer  # the same tensor, also if forward rebound it
         for _, p in params:
             p.grad = None
         for t in input_leaves:

@@ -1,26 +1,35 @@
 """Bitwise resume: :func:`save_checkpoint`, :func:`load_checkpoint` and :class:`Checkpointer`.
 
-Objects are known only through ``state_dict()``/``load_state_dict()``. A checkpoint file is
-``MAGIC | sha256(payload) | len(payload) | payload`` where the payload is ``torch.save`` of a
-plain dict, so a torn or corrupted file is detected before ``torch.load`` reads it. Writes go
-to a temporary file in the same directory, are fsynced, and replace the old file atomically.
+This module is the policy: what a checkpoint holds, how ranks agree before anything
+happens, and the order of checks so that a load either restores everything or changes
+nothing it could have checked first. The file format (header, checksum, atomic write,
+streaming read) is :mod:`torchrepro._ckptfile`'s. Objects are known only through
+``state_dict()``/``load_state_dict()``.
+
+Under torch.distributed every step that needs the other ranks is an exchange through the
+process group's store with a bounded wait (``TORCHREPRO_DIST_TIMEOUT``, default 300 s):
+the ranks first agree on the operation, the path and each rank's local error, before any
+collective (FSDP's ``state_dict()`` may be one), so a rank that raised, returned early or
+passed another path makes every rank fail with a message that names it, instead of a hang.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import hashlib
 import io
+import logging
 import os
-import tempfile
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from . import _dist, _envvars
+from . import _ckptfile, _dist, _envvars, _runinfo
+from ._ckptfile import FORMAT, FORMAT_VERSION, MAGIC
 from ._determinism import current_settings
 from ._envdiff import diff_fingerprints
 from ._errors import CheckpointError, RNGStateError, TorchreproWarning
@@ -30,10 +39,9 @@ from ._seed import seed_from_env, seed_streams
 from ._version import __version__
 
 __all__ = ["Checkpointer", "Stateful", "load_checkpoint", "save_checkpoint"]
+__all__ += ["FORMAT_VERSION", "MAGIC", "read_checkpoint"]  # the format's names, for old imports
 
-MAGIC = b"TRCKPT\x00\x01"
-FORMAT_VERSION = 1
-_HEADER = len(MAGIC) + 32 + 8
+log = logging.getLogger("torchrepro")
 
 
 @runtime_checkable
@@ -45,154 +53,219 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: Any, /) -> Any: ...
 
 
-def _check_objects(objects: Mapping[str, object]) -> None:
+def _qualified(obj: object) -> str:
+    kind = type(obj)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    module = kind.__module__
+    if module.startswith("torch.utils.data."):
+        module = "torch.utils.data"  # the public name, not the private file it lives in
+    return f"{module}.{kind.__qualname__}"
+
+
+def _check_objects(objects: Mapping[str, object]) -> dict[str, Any]:
+    """The objects to checkpoint: ``None`` ones are skipped; the rest must be Stateful."""
+    kept = {}
     for name, obj in objects.items():
+        if obj is None:
+            continue
         if not isinstance(obj, Stateful):
+            hint = ""
+            if isinstance(obj, torch.utils.data.DataLoader):
+                hint = (
+                    ": torch's DataLoader cannot save its position; use torchrepro.DataLoader "
+                    "(same arguments), which can"
+                )
             raise TypeError(
-                f"checkpoint object {name}= must have state_dict() and load_state_dict(), "
-                f"got {type(obj).__name__}"
+                f"checkpoint object {name}= must have state_dict() and load_state_dict() (or be "
+                f"None to skip it), got {_qualified(obj)}{hint}"
             )
+        kept[name] = obj
+    return kept
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on this platform/filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _check_path(path: object, *, none: str = "") -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(
+            f"path must be a str or os.PathLike naming the checkpoint file{none}, got "
+            f"{type(path).__name__} {path!r}"
+        )
+    if not os.fspath(path):
+        raise ValueError("path must name the checkpoint file, got an empty string")
+    return Path(path)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _make_dirs(directory: Path) -> None:
-    """Create ``directory`` and fsync each parent of a directory it created."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for new in reversed(missing):
-        new.mkdir(exist_ok=True)
-        _fsync_dir(new.parent)
-
-
-def _atomic_write(path: Path, payload: bytes | memoryview) -> None:
-    _make_dirs(path.parent)
-    header = MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "little")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(
-            fd, 0o666 & ~_umask()
-        )  # mkstemp makes 0600; a checkpoint is shared like torch.save's
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+def _check_bool(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
-    """The checkpoint's content and the hex digest of its payload."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {str(path)!r}") from None
-    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
-        raise CheckpointError(
-            f"{str(path)!r} is not a torchrepro checkpoint (it lacks the torchrepro header)"
-        )
-    if len(data) < _HEADER:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated: {len(data)} bytes, header incomplete"
-        )
-    digest = data[len(MAGIC) : len(MAGIC) + 32]
-    length = int.from_bytes(data[len(MAGIC) + 32 : _HEADER], "little")
-    payload = memoryview(data)[_HEADER:]  # no copy of a possibly huge payload
-    if len(payload) != length:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated or padded: payload has {len(payload)} bytes, "
-            f"the header says {length}"
-        )
-    if hashlib.sha256(payload).digest() != digest:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupted: its checksum does not match its contents"
-        )
-    try:
-        content = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")  # type: ignore[arg-type]
-    except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be unpickled safely: {exc}"
-        ) from exc
-    if not isinstance(content, dict) or content.get("format") != "torchrepro.checkpoint":
-        raise CheckpointError(f"{str(path)!r} is not a torchrepro checkpoint")
-    version = content.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has format version {version!r}; this torchrepro "
-            f"{__version__} reads version {FORMAT_VERSION}"
-        )
-    return content, digest.hex()
+    """The checkpoint's content and the hex digest of its payload (see :mod:`._ckptfile`)."""
+    return _ckptfile.read(path)
 
 
-def _save(
-    path: Path, objects: Mapping[str, Any], extra: dict[str, Any] | None, meta: dict[str, Any]
-) -> None:
-    if extra is not None and not isinstance(extra, dict):
-        raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
-    _check_objects(objects)
-    # Every rank builds the state dicts (FSDP and ZeRO build them collectively) and takes
-    # part in gathering the RNG states; rank 0 alone writes.
-    states = {name: obj.state_dict() for name, obj in objects.items()}
-    rng_states = _agree(get_rng_state())
-    failure: BaseException | None = None
-    if _dist.group_rank() == 0:
+# ----------------------------------------------------------------------------- agreement
+
+
+def _dumps(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _loads(raw: bytes) -> Any:
+    return torch.load(io.BytesIO(raw), weights_only=True)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _verdict(call: str, every: list[dict[str, Any]]) -> str | None:
+    """Why the ranks cannot go on together (the same message for every rank), or None."""
+    failures = [f"rank {r}: {v['error']}" for r, v in enumerate(every) if v.get("error")]
+    if failures:
+        return f"{call} failed on another rank; " + "; ".join(failures)
+    if len({v.get("op") for v in every}) > 1:
+        listed = ", ".join(f"rank {r} in {v.get('op')}" for r, v in enumerate(every))
+        return f"ranks are in different checkpoint calls ({listed})"
+    if len({v.get("path") for v in every}) > 1:
+        listed = ", ".join(f"rank {r}: {v.get('path')!r}" for r, v in enumerate(every))
+        return (
+            f"{call}: ranks passed different paths ({listed}); every rank must pass the same "
+            "path (rank 0 writes it, every rank reads it)"
+        )
+    if len({v.get("digest") for v in every}) > 1:
+        ranks = [str(r) for r, v in enumerate(every) if v.get("digest") != every[0].get("digest")]
+        return (
+            f"{call}: ranks read different checkpoints (ranks {', '.join(ranks)} differ from "
+            "rank 0): every rank must see the same file, e.g. on a shared filesystem"
+        )
+    return None
+
+
+def _settle(
+    call: str, local: BaseException | None, **facts: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """Agree with the other ranks on ``facts`` and on each rank's error, before going on.
+
+    ``call`` names the operation and its path for messages (``save_checkpoint('c.pt')``).
+    Rank 0 gathers every rank's facts and decides; when any rank failed, or the ranks are
+    in different calls, passed different paths or read different files, every rank
+    raises: the failing rank its own exception, the others a CheckpointError naming each
+    failing rank and its cause. Returns rank 0's facts (what rank 0 decides for all) and,
+    on rank 0, every rank's facts.
+    """
+    mine = {"error": None if local is None else _describe(local), **facts}
+
+    def decide(raws: list[bytes]) -> bytes:
+        every = [_loads(r) for r in raws]
+        return _dumps({"failure": _verdict(call, every), "rank0": every[0]})
+
+    if _dist.is_distributed():
         try:
-            content = {
-                "format": "torchrepro.checkpoint",
-                "format_version": FORMAT_VERSION,
-                "torchrepro_version": __version__,
-                "objects": states,
-                "extra": dict(extra or {}),
-                "rng": rng_states,
-                "world_size": _dist.world_size(),
-                "determinism": current_settings(),
-                "fingerprint": fingerprint(),
-                "meta": meta,
-            }
-            buffer = io.BytesIO()
-            torch.save(content, buffer)
-            _atomic_write(path, buffer.getbuffer())  # a view: no copy of the payload
-        except Exception as exc:
-            failure = exc
-    # Nobody reads or exits before the file is complete, and a failure on rank 0 reaches
-    # every rank instead of leaving them waiting.
-    reported = _agree(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if reported[0] is not None:
-        raise CheckpointError(f"rank 0 failed to write checkpoint {str(path)!r}: {reported[0]}")
+            raw, raws = _dist.agree(_dumps(mine), decide)
+        except _dist.ExchangeTimeoutError as exc:
+            raise CheckpointError(
+                f"rank {_dist.group_rank()} waited in {call} for the other ranks: {exc}. Every "
+                f"rank must call it, with the same path (a save under `if rank == 0:` leaves "
+                f"the others out); set {_envvars.DIST_TIMEOUT} to wait longer"
+            ) from exc
+        decision = _loads(raw)
+        every = None if raws is None else [_loads(r) for r in raws]
+    else:
+        every = [mine]
+        decision = {"failure": _verdict(call, every), "rank0": mine}
+    if local is not None:
+        raise local
+    if decision["failure"] is not None:
+        raise CheckpointError(decision["failure"])
+    return decision["rank0"], every
 
 
 def _agree(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order (a collective; just ``[value]`` alone)."""
+    """Every rank's ``value``, in rank order: a collective of the backend (``[value]`` alone).
+
+    For callers already inside a framework's own collective step (the Lightning
+    integration gathers every rank's RNG state with it); checkpoint calls use
+    :func:`_settle`, which is bounded and goes through the store.
+    """
     if not _dist.is_distributed():
         return [value]
     gathered: list[Any] = [None] * _dist.world_size()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+def _attempt(step: Any) -> tuple[Any, BaseException | None]:
+    """``step()``'s result and None, or None and the exception it raised."""
+    try:
+        return step(), None
+    except Exception as exc:
+        return None, exc
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _build_states(objects: Mapping[str, Any]) -> dict[str, Any]:
+    states = {}
+    for name, obj in objects.items():
+        try:
+            states[name] = obj.state_dict()
+        except Exception as exc:
+            raise CheckpointError(f"{name}.state_dict() failed: {_describe(exc)}") from exc
+        problem = _ckptfile.unloadable(states[name], f"{name}.state_dict()")
+        if problem is not None:
+            raise CheckpointError(f"{name}= cannot be saved: {problem}")
+    return states
+
+
+def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[str, Any]) -> None:
+    def check_arguments() -> tuple[Path, dict[str, Any]]:
+        target = _check_path(path)
+        kept = _check_objects(objects)
+        if extra is not None and not isinstance(extra, dict):
+            raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
+        problem = _ckptfile.unloadable(extra or {}, "extra")
+        if problem is not None:
+            raise TypeError(f"extra cannot be saved: {problem}")
+        return target, kept
+
+    checked, error = _attempt(check_arguments)
+    shown = str(path) if isinstance(path, (str, os.PathLike)) else repr(path)
+    call = f"save_checkpoint({shown!r})"
+    # Before any collective: the ranks agree on the call, the path and each one's error.
+    _settle(call, error, op="save_checkpoint", path=shown)
+    target, kept = checked
+    # Every rank builds the state dicts (FSDP and ZeRO build them collectively) and
+    # gives its RNG state; rank 0 alone writes.
+    states, error = _attempt(lambda: (_build_states(kept), get_rng_state()))
+    _rank0, every = _settle(call, error, rng=None if states is None else states[1])
+    error = None
+    if every is not None:  # rank 0
+        rng = [v["rng"] for v in every]
+
+        def write() -> None:
+            content = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "torchrepro_version": __version__,
+                "objects": states[0],
+                "extra": dict(extra or {}),  # type: ignore[call-overload]
+                "rng": rng,
+                "world_size": _dist.world_size(),
+                "determinism": current_settings(),
+                "fingerprint": fingerprint(),
+                "meta": meta,
+            }
+            _ckptfile.write(target, content)
+
+        _none, error = _attempt(write)
+    # Nobody reads or exits before the file is complete, and a failure on rank 0 reaches
+    # every rank instead of leaving them waiting.
+    _settle(call, error)
 
 
 def save_checkpoint(
@@ -204,20 +277,37 @@ def save_checkpoint(
     (:func:`torchrepro.get_rng_state`), the determinism settings, the environment
     fingerprint, the torchrepro version and a format version. The write is atomic: after a
     crash or ``kill -9`` at any instant, ``path`` holds the previous complete checkpoint or
-    the new one. A checksum lets :func:`load_checkpoint` detect a torn or corrupted file.
+    the new one, and the next save or load removes the temporary file a killed save left.
+    A checksum lets :func:`load_checkpoint` detect a torn or corrupted file. When ``path``
+    is a symlink, its target is replaced and the link kept.
+
+    Nothing is written that :func:`load_checkpoint` could not read back: anything
+    ``torch.load(weights_only=True)`` refuses (NumPy arrays and scalars, datetimes,
+    dataclasses, enums, paths, ``range``, ``defaultdict``, ``torch.Generator``...) in
+    ``extra`` or in an object's ``state_dict()`` is refused, naming its key path and type
+    (e.g. ``extra['acc']: numpy.float64``) and what to store instead. Nothing is converted
+    silently: a converted value would not load back as what was saved.
 
     Under torch.distributed, call it on every rank with the same path: rank 0 writes the
     objects' state as rank 0 sees it (for sharded FSDP state, pass objects whose
     ``state_dict()`` returns the full state on rank 0), every rank's RNG state is gathered.
+    The ranks first agree on the path and on each rank's errors; a rank that fails, calls
+    with another path or never calls makes every rank raise (within
+    ``TORCHREPRO_DIST_TIMEOUT`` seconds, default 300), naming the rank and the cause.
 
     Args:
         path: the file to write (its directory is created).
         extra: a plain dict (ints, floats, strings, lists, tensors) returned by
             :func:`load_checkpoint`, e.g. ``{"step": step}``.
-        **objects: named objects with ``state_dict()``/``load_state_dict()``.
+        **objects: named objects with ``state_dict()``/``load_state_dict()``; ``None``
+            values are skipped (e.g. ``scheduler=None``).
 
     Raises:
-        TypeError: an object lacks the protocol, or ``extra`` is not a dict.
+        TypeError: ``path`` is not a path, an object lacks the protocol, ``extra`` is not a
+            dict or holds a value that could not be loaded back.
+        CheckpointError: an object's ``state_dict()`` failed or holds such a value; another
+            rank failed, passed another path, or did not arrive in time.
+        OSError: the file could not be written (the previous checkpoint is intact).
 
     >>> import tempfile, torch
     >>> model = torch.nn.Linear(2, 2)
@@ -226,13 +316,19 @@ def save_checkpoint(
     ...     load_checkpoint(f"{d}/ckpt.pt", model=model)
     {'step': 3}
     """
-    _save(Path(path), objects, extra, meta={})
+    _save(path, objects, extra, meta={})
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def _warn_environment(path: Path, saved: Any) -> None:
     if not isinstance(saved, dict):
         return
-    changed = [d for d in diff_fingerprints(saved, fingerprint()) if d.changes_results]
+    try:
+        changed = [d for d in diff_fingerprints(saved, fingerprint()) if d.changes_results]
+    except Exception:  # a fingerprint from another version: nothing to compare reliably
+        return
     if changed:
         lines = "\n".join(f"  {d}" for d in changed)
         warnings.warn(
@@ -243,9 +339,27 @@ def _warn_environment(path: Path, saved: Any) -> None:
         )
 
 
+def _check_structure(path: Path, content: dict[str, Any]) -> None:
+    """The parts every later step relies on have the right types (before anything is used)."""
+    where = repr(str(path))
+    expected = {"objects": dict, "extra": dict, "meta": dict, "rng": list, "world_size": int}
+    for key, kind in expected.items():
+        value = content.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(
+                f"checkpoint {where} is malformed: {key!r} must be a {kind.__name__}, got "
+                f"{type(value).__name__} (was it written by torchrepro?)"
+            )
+    if not content["rng"] or content["world_size"] < 1:
+        raise CheckpointError(f"checkpoint {where} is malformed: it holds no RNG state")
+    steps = content["meta"].get("steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise CheckpointError(f"checkpoint {where} is malformed: meta 'steps' is {steps!r}")
+
+
 def _check_world_size(path: Path, content: dict[str, Any], strict: bool) -> bool:
     """Whether the world size changed since the save (raises under ``strict``)."""
-    saved_world, world = int(content.get("world_size", 1)), _dist.world_size()
+    saved_world, world = content["world_size"], _dist.world_size()
     if saved_world == world:
         return False
     message = f"checkpoint {str(path)!r} was saved with world size {saved_world}, this run has world size {world}"
@@ -257,84 +371,174 @@ def _check_world_size(path: Path, content: dict[str, Any], strict: bool) -> bool
     warnings.warn(
         message + "; each rank's random streams are re-derived from the seed (not the saved ones)",
         TorchreproWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
     return True
 
 
-def _check_rng_fits(path: Path, content: dict[str, Any], strict: bool, resized: bool) -> None:
-    """Under ``strict``, refuse RNG states made for other devices before anything is loaded."""
+def _rng_for_this_rank(content: dict[str, Any], resized: bool) -> Any:
     states = content["rng"]
-    state = states[0] if resized else states[min(_dist.group_rank(), len(states) - 1)]
+    return states[0] if resized else states[min(_dist.group_rank(), len(states) - 1)]
+
+
+def _check_rng(path: Path, content: dict[str, Any], strict: bool, resized: bool) -> None:
+    """The RNG state this rank will restore is valid and (strict) fits this machine."""
     try:
-        problems = rng_state_problems(state)
+        problems = rng_state_problems(_rng_for_this_rank(content, resized))
     except (RNGStateError, TypeError) as exc:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} holds a malformed RNG state: {exc}"
+            f"checkpoint {str(path)!r} holds an RNG state this machine cannot restore: {exc}"
         ) from exc
     if problems and strict:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was saved on a machine with other devices: {'; '.join(problems)}. "
             "Pass strict=False to restore the RNG states this machine has."
         )
-
-
-def _restore_rng(path: Path, content: dict[str, Any], strict: bool, resized: bool) -> None:
-    states, rank = content["rng"], _dist.group_rank()
-    if not resized:
-        set_rng_state(states[min(rank, len(states) - 1)], strict=strict)
-        return
-    seed = seed_from_env()
-    if seed is None:
+    if resized and seed_from_env() is None:
         raise CheckpointError(
             f"checkpoint {str(path)!r}: re-deriving random streams for the new world size needs "
             f"the run's seed; call torchrepro.seed_everything() first or set {_envvars.SEED}"
         )
-    set_rng_state(states[0], strict=False)  # CUDA/MPS layout from rank 0; then reseed per rank
-    steps = int(content.get("meta", {}).get("steps", 0))
-    seed_streams(seed, "resume", _dist.world_size(), rank, steps)
+
+
+def _check_names(
+    path: Path, saved: dict[str, Any], objects: Mapping[str, Any], strict: bool
+) -> None:
+    missing = sorted(set(objects) - set(saved))
+    unexpected = sorted(set(saved) - set(objects))
+    if not (missing or unexpected):
+        return
+    parts = []
+    if missing:
+        parts.append(f"not in the file: {', '.join(missing)}")
+    if unexpected:
+        parts.append(f"in the file but not passed: {', '.join(unexpected)}")
+    message = f"checkpoint {str(path)!r} objects do not match ({'; '.join(parts)})"
+    if strict:
+        raise CheckpointError(message + "; pass strict=False to load the names both have")
+    warnings.warn(message + "; loaded the names both have", TorchreproWarning, stacklevel=5)
+
+
+def _plain_loading(module: torch.nn.Module) -> bool:
+    """Whether ``module.load_state_dict`` takes keys as they are (no override, no key hooks)."""
+    if type(module).load_state_dict is not torch.nn.Module.load_state_dict:
+        return False
+    return not any(
+        getattr(m, "_load_state_dict_pre_hooks", None)
+        or getattr(m, "_load_state_dict_post_hooks", None)
+        for m in module.modules()
+    )
+
+
+def _check_module(path: Path, name: str, module: torch.nn.Module, saved: object) -> None:
+    """What ``Module.load_state_dict`` would refuse only after copying other tensors.
+
+    Shapes are compared for the keys both have; missing and unexpected keys only where
+    the module loads keys as they are (a custom ``load_state_dict`` or a load hook may
+    rename or add them).
+    """
+    where = f"loading {name}= from checkpoint {str(path)!r} failed"
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{where}: the saved state is a {type(saved).__name__}, not a dict")
+    own = module.state_dict()
+    if _plain_loading(module):
+        missing = [k for k in own if k not in saved]
+        unexpected = [k for k in saved if k not in own]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{where}: missing keys {missing}, unexpected keys {unexpected}; nothing was loaded"
+            )
+    for key, value in own.items():
+        other = saved.get(key)
+        if (
+            isinstance(value, torch.Tensor)
+            and isinstance(other, torch.Tensor)
+            and value.shape != other.shape
+        ):
+            raise CheckpointError(
+                f"{where}: size mismatch for {key}: the checkpoint has shape "
+                f"{tuple(other.shape)}, this model {tuple(value.shape)}; nothing was loaded"
+            )
+
+
+def _restore_rng(path: Path, content: dict[str, Any], strict: bool, resized: bool) -> None:
+    state = _rng_for_this_rank(content, resized)
+    try:
+        if not resized:
+            set_rng_state(state, strict=strict)
+            return
+        seed = seed_from_env()
+        assert seed is not None  # checked by _check_rng before anything was loaded
+        set_rng_state(state, strict=False)  # CUDA/MPS layout from rank 0; then reseed per rank
+        seed_streams(
+            seed, "resume", _dist.world_size(), _dist.group_rank(), content["meta"].get("steps", 0)
+        )
+    except RNGStateError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from exc
 
 
 def _load(
-    path: Path, objects: Mapping[str, Any], strict: bool
+    path: object, objects: Mapping[str, Any], strict: object
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    _check_objects(objects)
-    content, digest = read_checkpoint(path)
-    digests = _agree(digest)
-    if len(set(digests)) > 1:
-        ranks = [str(r) for r, d in enumerate(digests) if d != digests[0]]
-        raise CheckpointError(
-            f"ranks read different checkpoints at {str(path)!r} (ranks {', '.join(ranks)} differ from "
-            "rank 0): every rank must see the same file, e.g. on a shared filesystem"
-        )
-    resized = _check_world_size(path, content, strict)  # before anything is loaded
-    _check_rng_fits(path, content, strict, resized)
+    def read() -> tuple[Path, dict[str, Any], dict[str, Any], str]:
+        source = _check_path(path)
+        _check_bool(strict, "strict")
+        kept = _check_objects(objects)
+        _ckptfile.remove_stale_temps(source)
+        content, digest = _ckptfile.read(source)
+        _check_structure(source, content)
+        return source, kept, content, digest
+
+    done, error = _attempt(read)
+    shown = str(path) if isinstance(path, (str, os.PathLike)) else repr(path)
+    call = f"load_checkpoint({shown!r})"
+    # Before any collective: same call, same path, every rank could read it.
+    _settle(call, error, op="load_checkpoint", path=shown, digest=None if done is None else done[3])
+    source, kept, content, _digest = done
+    assert isinstance(strict, bool)
     saved: dict[str, Any] = content["objects"]
-    missing = sorted(set(objects) - set(saved))
-    unexpected = sorted(set(saved) - set(objects))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"not in the file: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"in the file but not passed: {', '.join(unexpected)}")
-        message = f"checkpoint {str(path)!r} objects do not match ({'; '.join(parts)})"
-        if strict:
-            raise CheckpointError(message + "; pass strict=False to load the names both have")
-        warnings.warn(message + "; loaded the names both have", TorchreproWarning, stacklevel=4)
-    _warn_environment(path, content.get("fingerprint"))
-    with _dist.world_size_change_allowed() if resized else contextlib.nullcontext():
-        for name, obj in objects.items():
-            if name not in saved:
-                continue
-            try:
-                obj.load_state_dict(saved[name])
-            except Exception as exc:
-                raise CheckpointError(
-                    f"loading {name}= from checkpoint {str(path)!r} failed: {exc}"
-                ) from exc
-    _restore_rng(path, content, strict, resized)  # last: nothing may draw between this and the loop
-    return dict(content.get("extra", {})), dict(content.get("meta", {}))
+
+    def validate() -> bool:
+        resized = _check_world_size(source, content, strict)
+        _check_rng(source, content, strict, resized)
+        _check_names(source, saved, kept, strict)
+        return resized
+
+    def check_modules() -> None:  # apart: a sharded module's state_dict() is a collective
+        for name, obj in kept.items():
+            if name in saved and isinstance(obj, torch.nn.Module):
+                _check_module(source, name, obj, saved[name])
+
+    # Everything that can be checked is checked on every rank before any object is touched.
+    resized, error = _attempt(validate)
+    _settle(call, error)
+    _none, error = _attempt(check_modules)
+    _settle(call, error)
+    _warn_environment(source, content.get("fingerprint"))
+    loaded: list[str] = []
+
+    def load_objects() -> None:
+        with _dist.world_size_change_allowed() if resized else contextlib.nullcontext():
+            for name, obj in kept.items():
+                if name not in saved:
+                    continue
+                try:
+                    obj.load_state_dict(saved[name])
+                except Exception as exc:
+                    before = (
+                        f" ({', '.join(n + '=' for n in loaded)} already loaded)" if loaded else ""
+                    )
+                    raise CheckpointError(
+                        f"loading {name}= from checkpoint {str(source)!r} failed{before}: {exc}"
+                    ) from exc
+                loaded.append(name)
+
+    _none, error = _attempt(load_objects)
+    _settle(call, error)
+    _restore_rng(
+        source, content, strict, resized
+    )  # last: nothing may draw between this and the loop
+    return dict(content["extra"]), dict(content["meta"])
 
 
 def load_checkpoint(
@@ -342,30 +546,47 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint saved by :func:`save_checkpoint` into ``objects``, then the RNG state.
 
-    Every object is loaded first and the RNG state last, so nothing consumes randomness
-    between the restore and the training loop. Reads with ``torch.load(weights_only=True)``.
+    The file is verified against its checksum while it is read (in chunks, so the peak
+    memory is about that of ``torch.load``), unpickled with ``torch.load(weights_only=True)``,
+    and checked whole before any object is touched: the RNG state this rank will restore
+    (tried on scratch generators), the world size, the names, and each module's keys and
+    shapes. Then every object is loaded, and the RNG state last, so nothing consumes
+    randomness between the restore and the training loop. A temporary file left by a
+    killed save of the same file is removed.
+
+    Under torch.distributed, call it on every rank with the same path: the ranks agree
+    on the path and on each rank's errors before any collective, so a rank that cannot
+    read the file makes every rank raise, naming it.
 
     Args:
         path: the checkpoint file.
         strict: raise when the names passed and the names saved differ, when the saved RNG
             state does not fit this machine's devices, or when the world size differs. With
             ``strict=False``, load what matches and warn.
-        **objects: the same names that were saved.
+        **objects: the same names that were saved; ``None`` values are skipped.
 
     Returns:
         The ``extra`` dict saved with the checkpoint (``{}`` if none).
 
     Raises:
+        TypeError: ``path`` is not a path, ``strict`` is not a bool, an object lacks the
+            protocol.
         CheckpointError: the file is missing, not a torchrepro checkpoint, of an unknown
-            format version, truncated or corrupted; names do not match (strict); an object's
-            ``load_state_dict`` failed (the message names the object).
+            format version, truncated or corrupted; it holds an RNG state this machine
+            cannot restore; names do not match (strict); an object's ``load_state_dict``
+            failed (the message names the object, and those loaded before it); another
+            rank failed or did not arrive in time.
 
     Warns:
         TorchreproWarning: the saving machine's fingerprint differs in ways that change
             numerics (the reasons ``torchrepro env --diff`` gives).
     """
-    extra, _meta = _load(Path(path), objects, strict)
+    extra, meta = _load(path, objects, strict)
+    _runinfo.note("resumed_from", meta.get("steps"))  # for the trace header (None: unknown)
     return extra
+
+
+# ----------------------------------------------------------------------------- Checkpointer
 
 
 class Checkpointer:
@@ -388,18 +609,24 @@ class Checkpointer:
         path: the checkpoint file. ``TORCHREPRO_CHECKPOINT``, when set, replaces it; with
             ``None`` and no such variable, checkpointing is off (``.step()`` only counts).
         every: save after every ``every`` steps (an int >= 1).
-        **objects: named objects with ``state_dict()``/``load_state_dict()``.
+        **objects: named objects with ``state_dict()``/``load_state_dict()``; ``None``
+            values are skipped, so ``scheduler=None`` works when a run has none.
 
     Environment:
         ``TORCHREPRO_CHECKPOINT``: replaces ``path`` (a checker gives each run its own).
         ``TORCHREPRO_STOP_AT=K``: when ``.steps`` reaches K, save and end the process with
         status 0 (a clean stand-in for a crash right after a save).
 
+    Logging (logger ``"torchrepro"``, WARNING, so visible by default; rank 0 only): ``resume()`` says
+    "resumed from PATH at step K"; and when a resumed process ends without a single
+    further ``step()``, it says the checkpoint was already at the end of training (running
+    a finished script again trains nothing).
+
     Under torch.distributed, create it on every rank with the same path; rank 0 decides
     whether a checkpoint exists, so all ranks resume or none does.
 
     Raises:
-        TypeError, ValueError: bad ``every``, objects or environment variables.
+        TypeError, ValueError: bad ``path``, ``every``, objects or environment variables.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None, *, every: int, **objects: Any) -> None:
@@ -409,16 +636,13 @@ class Checkpointer:
             )
         if every < 1:
             raise ValueError(f"every must be an int >= 1 (save every N steps), got {every}")
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise TypeError(
-                f"path must be a str, os.PathLike or None, got {type(path).__name__} {path!r}"
-            )
-        _check_objects(objects)
+        if path is not None:
+            _check_path(path, none=" (or None: no checkpointing)")
+        self.objects = _check_objects(objects)
         override = _envvars.env_path(_envvars.CHECKPOINT)
         chosen = override if override is not None else path
         self.path: Path | None = None if chosen is None else Path(chosen)
         self.every = every
-        self.objects = dict(objects)
         self.steps = 0
         self.stop_at = _envvars.env_int(_envvars.STOP_AT, low=1)
         if self.stop_at is not None and self.path is None:
@@ -426,20 +650,41 @@ class Checkpointer:
                 f"{_envvars.STOP_AT} is set but the Checkpointer has no path: pass a path or set "
                 f"{_envvars.CHECKPOINT}, so the run can save before it stops"
             )
+        self._resumed_at: int | None = None
 
     def resume(self, *, strict: bool = True) -> dict[str, Any] | None:
         """Load ``path`` if it exists and return its ``extra``; None when there is none.
 
+        Logs "resumed from PATH at step K" at WARNING level.
+
         Args:
             strict: as for :func:`load_checkpoint` (``False`` also accepts another world size).
+
+        Raises:
+            TypeError: ``strict`` is not a bool.
+            CheckpointError: as for :func:`load_checkpoint`.
         """
+        _check_bool(strict, "strict")
         if self.path is None:
             return None
-        exists = _agree(self.path.exists())[0]  # rank 0 decides for every rank
-        if not exists:
+        path = self.path
+        exists, error = _attempt(path.exists)
+        rank0, _every = _settle(
+            f"Checkpointer.resume() of {str(path)!r}",
+            error,
+            op="Checkpointer.resume",
+            path=str(path),
+            exists=exists,
+        )
+        if not rank0["exists"]:  # rank 0 decides for every rank
             return None
-        extra, meta = _load(self.path, self.objects, strict=strict)
+        extra, meta = _load(path, self.objects, strict)
         self.steps = int(meta.get("steps", 0))
+        _runinfo.note("resumed_from", self.steps)  # for the trace header
+        self._resumed_at = self.steps
+        if _dist.group_rank() == 0:  # once per run, not once per rank
+            log.warning("torchrepro: resumed from %s at step %d", path, self.steps)
+            atexit.register(_report_no_progress, weakref.ref(self))
         return extra
 
     def save(self, extra: dict[str, Any] | None = None) -> None:
@@ -465,3 +710,18 @@ class Checkpointer:
             self.save(extra)
         if stopping:
             raise SystemExit(0)
+
+
+def _report_no_progress(ref: weakref.ReferenceType[Checkpointer]) -> None:
+    """At exit: a resumed Checkpointer that never stepped was already at the end of training."""
+    ckpt = ref()
+    if ckpt is None or ckpt._resumed_at is None or ckpt.steps != ckpt._resumed_at:
+        return
+    log.warning(
+        "torchrepro: resumed from %s at step %d and no training step ran after it: the "
+        "checkpoint was already at the end of training. Delete it (or set %s to another "
+        "path) to train again.",
+        ckpt.path,
+        ckpt.steps,
+        _envvars.CHECKPOINT,
+    )

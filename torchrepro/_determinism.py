@@ -29,6 +29,24 @@ def _set_env(value: str | None) -> None:
         os.environ[CUBLAS_VAR] = value
 
 
+def _cuda_memory_used() -> bool:
+    """Whether this process has allocated CUDA memory, so cuBLAS may already have run.
+
+    cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when torch creates its first cuBLAS handle
+    and workspace (``getChosenWorkspaceSize`` parses it once and caches it), which is at
+    the first GPU matmul, not at CUDA initialisation. A matmul needs tensors on the GPU,
+    so a process that has never allocated CUDA memory has created no workspace yet; one
+    that has may have. Never initialises CUDA itself.
+    """
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return False
+    for device in range(torch.cuda.device_count()):
+        stats = torch.cuda.memory_stats(device)
+        if stats.get("allocation.all.allocated", 0) or stats.get("allocated_bytes.all.peak", 0):
+            return True
+    return False
+
+
 def _has_fill() -> bool:
     return hasattr(getattr(torch.utils, "deterministic", None), "fill_uninitialized_memory")
 
@@ -171,8 +189,11 @@ def deterministic(
     Raises:
         ValueError: ``mode`` is not one of the valid modes.
         TypeError: a flag is not a bool.
-        DeterminismError: (``"strict"``) CUDA is already initialised and
-            ``CUBLAS_WORKSPACE_CONFIG`` is unset, so cuBLAS would stay nondeterministic.
+        DeterminismError: (``"strict"``) ``CUBLAS_WORKSPACE_CONFIG`` is unset and this
+            process has already allocated CUDA memory, so cuBLAS may already have read the
+            variable (it does when its first workspace is created, at the first GPU matmul,
+            not at CUDA initialisation). CUDA initialised without allocations (e.g. by
+            querying device properties) is fine.
 
     >>> import torch
     >>> with deterministic("strict") as settings:
@@ -204,11 +225,13 @@ def deterministic(
         if _has_mkldnn_flag():
             wanted["mkldnn.deterministic"] = True
         if os.environ.get(CUBLAS_VAR) is None:
-            if torch.cuda.is_initialized():
+            if _cuda_memory_used():
                 message = (
-                    f"CUDA is already initialised, so setting {CUBLAS_VAR} now cannot make cuBLAS "
-                    "deterministic. Call torchrepro.deterministic() before any CUDA work, or launch "
-                    "with `torchrepro run -- python ...`, which sets it before Python starts."
+                    f"this process has already allocated CUDA memory, so cuBLAS may already have "
+                    f"created its workspace, which reads {CUBLAS_VAR} once: setting it now may not "
+                    "make cuBLAS deterministic. Call torchrepro.deterministic() before any tensor "
+                    "is put on a GPU, or launch with `torchrepro run -- python ...`, which sets it "
+                    "before Python starts."
                 )
                 if mode == "strict":
                     raise DeterminismError(message)

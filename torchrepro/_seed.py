@@ -81,7 +81,8 @@ def derive_seed(seed: int, *path: int | str) -> int:
         An int in ``[0, 2**64 - 1]``.
 
     Raises:
-        TypeError, ValueError: ``seed`` is not a valid seed, or a path item is not int/str.
+        TypeError, ValueError: ``seed`` is not a valid seed, a path item is not int/str, or
+            a string cannot be encoded as UTF-8 (a lone surrogate).
 
     >>> derive_seed(0, "shuffle", 1) == derive_seed(0, "shuffle", 1)
     True
@@ -92,6 +93,15 @@ def derive_seed(seed: int, *path: int | str) -> int:
     for item in path:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
             raise TypeError(f"derive_seed path items must be int or str, got {item!r}")
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"derive_seed path items must be encodable as UTF-8, got {item!r} "
+                    f"({exc.reason} at position {exc.start}); pass valid text, e.g. "
+                    "s.encode('utf-8', 'surrogatepass').hex()"
+                ) from None
     return derive_words(seed, *path)[0]
 
 
@@ -152,7 +162,8 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
         The seed used (not the derived ones).
 
     Raises:
-        TypeError, ValueError: ``seed`` or ``TORCHREPRO_SEED`` is not a valid seed.
+        TypeError, ValueError: ``seed`` or ``TORCHREPRO_SEED`` is not a valid seed, or
+            ``per_rank`` is not a bool.
 
     >>> import random
     >>> seed_everything(7)
@@ -160,6 +171,10 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
     >>> a = random.random(); _ = seed_everything(7); a == random.random()
     True
     """
+    if not isinstance(per_rank, bool):
+        raise TypeError(
+            f"per_rank must be True or False, got {type(per_rank).__name__} {per_rank!r}"
+        )
     _warn_if_hash_seed_random()
     if seed is None:
         seed = seed_from_env()
