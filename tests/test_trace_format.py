@@ -133,7 +133,7 @@ def test_a_failed_write_is_cut_back_to_the_last_complete_line(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", full_disk)
-    with pytest.raises(OSError, match="cannot write trace step 2 .* cut back"):
+    with pytest.raises(OSError, match=r"cannot write trace step 2 .* cut back"):
         trace.step(loss=2.0)
     monkeypatch.setattr(os, "write", real_write)
     trace.step(loss=3.0)
