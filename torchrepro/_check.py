@@ -260,7 +260,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 def _count_lines(path: Path) -> int:
     try:
         with open(path, "rb") as f:
-            return max(sum(1 for _ in f) - 1, 0)  # minus the header line
+            return sum(1 for line in f if line.startswith(b'{"step"'))  # not the headers
     except OSError:
         return 0
 
