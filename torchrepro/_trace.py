@@ -20,6 +20,7 @@ import torch
 from . import _dist, _envvars
 from ._checksum import tensor_checksums, tensor_norms
 from ._compare import TRACE_FORMAT, TRACE_VERSION, TraceError, json_float, read_lines
+from ._localize import Capture
 from ._statedict import check_versioned
 from ._version import __version__
 
@@ -150,6 +151,8 @@ class Trace:
         self._file: str | None = _UNRESOLVED if base is not None else None
         self._fresh = True  # overwrite the file at the first write
         self._fd: int | None = None
+        # TORCHREPRO_LOCALIZE_STEP: per-module checksums of one step (torchrepro check).
+        self._capture = Capture.from_env(traced=base is not None)
 
     def __repr__(self) -> str:
         return f"Trace(path={self._base!r}, every={self._every}, grads={self._grads}, step={self._step})"
@@ -199,6 +202,8 @@ class Trace:
             OSError: the trace file cannot be written.
         """
         self._step += 1
+        if self._capture is not None:
+            self._capture.after_step(self._step, model, self._resolve())
         if self._file is None or self._step % self._every:
             return
         path = self._resolve()
@@ -328,6 +333,8 @@ class Trace:
         if step < 0:
             raise ValueError(f"Trace state 'step' must be an int >= 0, got {step}")
         self._step = step
+        if self._capture is not None:
+            self._capture.sync(step)
         path = self._resolve()
         if path is None:
             return
