@@ -63,7 +63,16 @@ CORE = {
     "_runinfo",
     "_version",
 }
-VERIFICATION = {"_checksum", "_trace", "_compare", "_audit", "_check", "_localize"}
+VERIFICATION = {
+    "_checksum",
+    "_trace",
+    "_compare",
+    "_audit",
+    "_check",
+    "_localize",
+    "_explain",
+    "_report",
+}
 # What each layer must not import (the layers above it).
 FORBIDDEN = {
     **{name: {"data", "_checkpoint", "_fingerprint", "_cli", *VERIFICATION} for name in CORE},

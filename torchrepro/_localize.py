@@ -395,9 +395,15 @@ def compare_captures(reference: dict[str, Any], other: dict[str, Any]) -> Locali
         phase, name, call = differing[0]
         event = ref.get(differing[0]) or oth[differing[0]]
         return Localization(
-            step, name, str(event.get("class", "?")), _PHASES[phase], call,
-            flagged_ops=flagged, device=device, modules=modules,
-        )  # fmt: skip
+            step,
+            name,
+            str(event.get("class", "?")),
+            _PHASES[phase],
+            call,
+            flagged_ops=flagged,
+            device=device,
+            modules=modules,
+        )
     grads_a = {g["name"]: g["checksum"] for g in reference.get("param_grads", [])}
     grads_b = {g["name"]: g["checksum"] for g in other.get("param_grads", [])}
     param = next((n for n in grads_a if grads_a[n] != grads_b.get(n)), None)
