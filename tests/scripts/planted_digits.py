@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-import train_digits as example  # noqa: E402
+import train_digits as example
 
 
 class UnseededNoise(nn.Module):
@@ -58,7 +58,18 @@ def main() -> None:
     elif plant:
         raise SystemExit(f"PLANT must be 'module', 'data' or unset, got {plant!r}")
     example.main(
-        ["--limit", "192", "--batch-size", "32", "--epochs", "1", "--num-workers", "0", "--every", "2"]
+        [
+            "--limit",
+            "192",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "1",
+            "--num-workers",
+            "0",
+            "--every",
+            "2",
+        ]
     )
 
 
