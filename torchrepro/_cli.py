@@ -197,7 +197,10 @@ def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if args.report:
         from ._report import check_page, write_report
 
-        write_report(args.report, check_page(report, " ".join(["torchrepro check", *command])))
+        options = [f"--vary {v}" for v in args.vary]
+        options += [f"--resume-at {args.resume_at}"] if args.resume_at else []
+        title = " ".join(["torchrepro check", *options, "--", *command])
+        write_report(args.report, check_page(report, title))
         print(f"report: {args.report}", file=sys.stderr)
     if report.error is not None:
         return EXIT_USAGE

@@ -222,7 +222,11 @@ class Explanation:
         if self.note:
             out.append(self.note)
         elif self.suspects:
-            out.append("environment differences that can explain it, most likely first:")
+            out.append(
+                "environment differences that can change results (the traces agree nonetheless):"
+                if self.comparison.identical
+                else "environment differences that can explain it, most likely first:"
+            )
             out += [f"  {s}" for s in self.suspects]
         elif not self.comparison.identical:
             out.append("no fingerprint difference that can change results")

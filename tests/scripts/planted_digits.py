@@ -2,6 +2,8 @@
 
 PLANT=module  a module adding noise from an unseeded generator after ``features.2`` (ReLU):
               it becomes ``features.3`` (UnseededNoise); the data are untouched
+PLANT=module-late  the same module, silent before step 4 (its call count is a buffer, so
+              it is checkpointed): the runs part at step 4, after a checkpoint at step 2
 PLANT=data    the dataset owns an unseeded ``random.Random`` that shifts each image: the
               batches differ, per-sample seeding cannot reach it (the loader warns)
 PLANT unset   the example as it is
@@ -24,12 +26,17 @@ import train_digits as example
 
 
 class UnseededNoise(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, start: int = 1) -> None:
         super().__init__()
         self.gen = torch.Generator()
         self.gen.seed()  # from the OS: differs in every process
+        self.start = start
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if int(self.calls) < self.start:
+            return x
         return x + 1e-3 * torch.randn(x.shape, generator=self.gen)
 
 
@@ -45,18 +52,18 @@ class ShiftedDigits(example.Digits):
 
 def main() -> None:
     plant = os.environ.get("PLANT", "")
-    if plant == "module":
+    if plant in ("module", "module-late"):
         init = example.Net.__init__
 
         def planted_init(self: example.Net) -> None:
             init(self)
-            self.features.insert(3, UnseededNoise())
+            self.features.insert(3, UnseededNoise(start=4 if plant == "module-late" else 1))
 
         example.Net.__init__ = planted_init  # type: ignore[method-assign]
     elif plant == "data":
         example.Digits = ShiftedDigits  # type: ignore[misc]
     elif plant:
-        raise SystemExit(f"PLANT must be 'module', 'data' or unset, got {plant!r}")
+        raise SystemExit(f"PLANT must be 'module', 'module-late', 'data' or unset, got {plant!r}")
     example.main(
         [
             "--limit",

@@ -1,0 +1,53 @@
+"""Done-when of issue 14 on the bundled example with planted nondeterminism (tests/scripts).
+
+(a) a module adding noise from an unseeded generator: `check` names it;
+(b) an augmentation drawing from a dataset-owned RNG: `check` says the batch differs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchrepro._check import run_check
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "planted_digits.py"
+
+
+@pytest.mark.parametrize(
+    ("plant", "step", "rerun"),
+    [
+        ("module", 1, 'from the start of "run 1" to step 1 (1 step each)'),
+        ("module-late", 4, 'from the checkpoint at step 2 of "run 1" to step 4 (2 steps each)'),
+    ],
+)
+def test_planted_module_is_named(tmp_path, monkeypatch, plant, step, rerun):
+    monkeypatch.setenv("PLANT", plant)
+    report = run_check([sys.executable, str(SCRIPT)], runs=2, keep=tmp_path, seed=0)
+    assert report.error is None, report.error
+    assert not report.reproducible and report.comparisons[0].first_step == step
+    found = report.localization
+    assert found is not None, report.localization_note
+    assert (found.module, found.module_class, found.phase) == (
+        "features.3",
+        "UnseededNoise",
+        "forward output",
+    )
+    assert rerun in report.localization_note
+    # The reference kept its checkpoints; the comparison run did not.
+    assert sorted(p.name for p in (tmp_path / "run1").glob("checkpoint.pt.step*")) == [
+        "checkpoint.pt.step2",
+        "checkpoint.pt.step4",
+        "checkpoint.pt.step6",
+    ]
+    assert not list((tmp_path / "run2").glob("checkpoint.pt.step*"))
+
+
+def test_agreeing_runs_are_not_rerun(tmp_path, monkeypatch):
+    monkeypatch.delenv("PLANT", raising=False)
+    report = run_check([sys.executable, str(SCRIPT)], runs=2, keep=tmp_path, seed=0, localize=True)
+    assert report.reproducible, report.verdict()
+    assert report.localization is None and report.localization_note == ""
+    assert not list(tmp_path.glob("localize*"))
