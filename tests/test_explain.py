@@ -68,7 +68,7 @@ def test_num_workers_is_a_suspect_only_when_the_batch_differed():
 
 
 def _trace(path: Path, fingerprint: dict | None, values: list[float]) -> Path:
-    header = {"format": "torchrepro-trace", "version": 1}
+    header = {"format": "torchrepro-trace", "version": 2}
     if fingerprint is not None:
         header["fingerprint"] = fingerprint
     lines = [json.dumps(header)]

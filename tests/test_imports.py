@@ -65,6 +65,7 @@ CORE = {
 }
 VERIFICATION = {
     "_checksum",
+    "_tracefile",
     "_trace",
     "_compare",
     "_audit",

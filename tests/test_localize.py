@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,7 @@ def test_resumed_capture_equals_uninterrupted(tmp_path):
         model = _model(None)
         _train(tmp_path / "pre.jsonl", model, 3)
     path = tmp_path / "resumed.jsonl"
+    shutil.copyfile(tmp_path / "pre.jsonl", path)  # the trace the resumed state continues
     mp = pytest.MonkeyPatch()
     mp.setenv("TORCHREPRO_LOCALIZE_STEP", "4")
     try:

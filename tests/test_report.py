@@ -16,7 +16,7 @@ from torchrepro._explain import explain
 from torchrepro._report import SECTIONS, ReportRun, compare_page, relative_differences, render_html
 
 REPO = Path(__file__).resolve().parent.parent
-HEADER = {"format": "torchrepro-trace", "version": 1, "every": 1}
+HEADER = {"format": "torchrepro-trace", "version": 2, "every": 1}
 
 
 class _Page(HTMLParser):

@@ -445,9 +445,10 @@ def _localize_divergence(
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        if start:
-            shutil.copyfile(kept[start], directory / "checkpoint.pt")
         trace = directory / "trace.jsonl"
+        if start:  # the checkpoint and the trace it continues (cut back to its step on resume)
+            shutil.copyfile(kept[start], directory / "checkpoint.pt")
+            shutil.copyfile(reference.directory / "trace.jsonl", trace)
         run_env = {
             **base_env,
             **env,

@@ -85,10 +85,11 @@ def relative_differences(
 
     The relative difference is ``|b - a| / |a|`` of the parameter's norm (the loss's value
     for the loss); 0.0 where the checksums are equal; :data:`BITS_ONLY` where the bits
-    differ but the numbers shown are equal. Groups are the module owning each parameter
+    differ but the numbers shown are equal. Differing steps without norms (the trace
+    records them every ``norm_every`` steps) have no point. Groups are the module owning each parameter
     (``features.0`` for ``features.0.weight``) and ``"loss"``.
 
-    >>> hdr = {"format": "torchrepro-trace", "version": 1}
+    >>> hdr = {"format": "torchrepro-trace", "version": 2}
     >>> e = lambda n, c: {"name": "fc.weight", "kind": "param", "checksum": c, "norm": n}
     >>> a = TraceData("a", hdr, [{"step": 1, "entries": [e(2.0, "1")]}])
     >>> b = TraceData("b", hdr, [{"step": 1, "entries": [e(2.5, "2")]}])
@@ -113,7 +114,9 @@ def relative_differences(
                 "bits"
             ):
                 rel = 0.0
-            elif a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+            elif a is None or b is None:
+                continue  # a step without norms (Trace's norm_every): no magnitude to plot
+            elif not (math.isfinite(a) and math.isfinite(b)):
                 rel = math.inf
             elif a == b:
                 rel = BITS_ONLY

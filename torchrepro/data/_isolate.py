@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import _runinfo
+
 _MT_BYTES = 624 * 4 + 4  # uint32 key[624]; int pos
 _torch_gen = torch.default_generator
 
@@ -142,4 +144,5 @@ class LoaderIter:
         if self._remaining > 0:
             self._remaining -= 1
         self._loader._received(self._gen)
+        _runinfo.note_batch(batch)  # the trace checksums the batch each step consumed
         return batch

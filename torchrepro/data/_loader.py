@@ -8,7 +8,7 @@ from typing import Any, cast
 import torch
 from torch.utils.data import IterableDataset
 
-from .. import _dist
+from .. import _dist, _runinfo
 from .._errors import TorchreproError, TorchreproWarning
 from .._seed import derive_seed
 from . import _state
@@ -216,6 +216,7 @@ class DataLoader(torch.utils.data.DataLoader[Any]):
             sampler.epoch, sampler.start_batch = self._repro_epoch, self._repro_batch
             remaining = sampler.order.batches_per_epoch() - self._repro_batch
         inner = super().__iter__()
+        _runinfo.note_loader(self, num_workers=self.num_workers)  # for the trace header
         return LoaderIter(self, inner, self._repro_gen, remaining)
 
     def _received(self, gen: int) -> None:
