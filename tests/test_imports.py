@@ -25,7 +25,7 @@ def test_import_does_not_add_numpy_beyond_torch():
 def test_import_pulls_no_optional_package():
     code = (
         "import sys, torchrepro\n"
-        "heavy = [m for m in ('numpy', 'torchvision', 'sklearn', 'hypothesis', 'lightning') if sys.modules.get(m) is not None]\n"
+        "heavy = [m for m in ('numpy', 'torchvision', 'sklearn', 'hypothesis', 'lightning', 'matplotlib') if sys.modules.get(m) is not None]\n"
         "print(','.join(heavy))"
     )
     # torch itself may import numpy when it is installed; block it to see torchrepro's own imports.

@@ -51,3 +51,16 @@ def test_agreeing_runs_are_not_rerun(tmp_path, monkeypatch):
     assert report.reproducible, report.verdict()
     assert report.localization is None and report.localization_note == ""
     assert not list(tmp_path.glob("localize*"))
+
+
+def test_planted_dataset_rng_is_a_batch_difference(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLANT", "data")
+    report = run_check([sys.executable, str(SCRIPT)], runs=2, keep=tmp_path, seed=0)
+    assert report.error is None, report.error
+    assert report.comparisons[0].first_step == 1
+    assert report.comparisons[0].batch_differs is True
+    assert report.explanations[0].batch_differs is True
+    # The model is not to blame: no re-run, and the reason is said.
+    assert report.localization is None
+    assert "the batch at step 1 already differed" in report.localization_note
+    assert not list(tmp_path.glob("localize*"))

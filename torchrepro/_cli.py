@@ -147,22 +147,17 @@ def _print_report(report: CheckReport, kept: bool) -> None:
 
 
 def _print_explanation(report: CheckReport) -> None:
-    """Why the runs part: batch, module, environment (issue 14)."""
-    from ._report import explanation_findings
-
+    """Why the runs part, after the comparison's batch line: the module, the environment."""
     diverged = [e for e in report.explanations if not e.comparison.identical]
     if not diverged:
         return
     first = min(diverged, key=lambda e: e.comparison.first_step or 0)
-    for line in explanation_findings(first, report.localization):
-        print(f"  {line}")
+    if report.localization is not None:
+        print(f"  module: {report.localization.describe()}")
     if report.localization_note:
         print(f"  {report.localization_note}")
-    print(
-        "\n".join(
-            "  " + line for line in first.lines()[1 if first.batch_differs is not None else 0 :]
-        )
-    )
+    lines = first.lines()[1 if first.batch_differs is not None else 0 :]
+    print("\n".join("  " + line for line in lines))
 
 
 def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
