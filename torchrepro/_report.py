@@ -411,7 +411,7 @@ def check_page(report: CheckReport, title: str, *, image_format: str = "svg") ->
             settings["stopped at"] = str(r.spec.resume_at)
             settings.update({f"after resume: {k}": v for k, v in r.spec.resume_env.items()})
         runs.append(ReportRun(r.spec.name, settings, r.trace, r.error or ""))
-    first = _first_diverged(report.explanations)
+    first = _first_diverged([e for e in report.explanations if e.comparison in report.unexpected])
     return render_html(
         title=title,
         verdict=report.verdict(),
