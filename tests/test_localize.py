@@ -39,13 +39,15 @@ def _model(noise_seed: int | None, at: int = 1) -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
-def _train(path: Path, model: torch.nn.Module, steps: int, *, resume_at: int = 0) -> None:
+def _train(
+    path: Path, model: torch.nn.Module, steps: int, *, resume_at: int = 0, data_seed: int = 1
+) -> None:
     """A plain loop with a Trace; the capture ends it with SystemExit at the captured step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     trace = torchrepro.Trace(path)
     if resume_at:
         trace.load_state_dict({"version": 1, "step": resume_at})
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(data_seed)
     for _ in range(resume_at, steps):
         x = torch.randn(5, 4, generator=gen)
         loss = model(x).square().mean()
@@ -55,13 +57,15 @@ def _train(path: Path, model: torch.nn.Module, steps: int, *, resume_at: int = 0
         trace.step(loss=loss, model=model)
 
 
-def _capture(tmp_path: Path, name: str, noise_seed: int | None, step: int) -> dict:
+def _capture(
+    tmp_path: Path, name: str, noise_seed: int | None, step: int, data_seed: int = 1
+) -> dict:
     path = tmp_path / f"{name}.jsonl"
     mp = pytest.MonkeyPatch()
     mp.setenv("TORCHREPRO_LOCALIZE_STEP", str(step))
     try:
         with torchrepro.isolated_rng(), pytest.raises(SystemExit) as stopped:
-            _train(path, _model(noise_seed, at=step), 10)
+            _train(path, _model(noise_seed, at=step), 10, data_seed=data_seed)
     finally:
         mp.undo()
     assert stopped.value.code == 0
@@ -202,3 +206,13 @@ def test_checkpointer_keeps_each_save_when_asked(tmp_path, monkeypatch, keep):
         again = torch.nn.Linear(2, 2)
         torchrepro.load_checkpoint(tmp_path / "c.pt.step2", model=again)
         assert torch.equal(again.weight, weights[1])
+
+
+def test_a_different_model_input_is_said_first(tmp_path):
+    """A loader Trace knows nothing of: the capture still sees that the batch differed."""
+    a = _capture(tmp_path, "a", noise_seed=None, step=1, data_seed=1)
+    b = _capture(tmp_path, "b", noise_seed=None, step=1, data_seed=2)
+    found = compare_captures(a, b)
+    assert found.input_differs and found.module == "0"
+    assert found.describe().startswith("the model's input already differed")
+    assert not compare_captures(a, a).input_differs

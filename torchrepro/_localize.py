@@ -203,11 +203,17 @@ class Capture:
             {"name": name, "checksum": None if g is None else next(sums)}
             for (name, _), g in zip(params, grads, strict=True)
         ]
+        args = self._first_args.get(id(model))
+        inputs = None if args is None else _tensors(args)
         record = {
             "format": CAPTURE_FORMAT,
             "version": CAPTURE_VERSION,
             "step": self.step,
             "device": str(next((p.device for _, p in params), torch.device("cpu"))),
+            # The model's first call's positional tensors: the batch, whatever the loader.
+            "inputs": None
+            if inputs is None
+            else _hex(tensor_checksums([t.detach() for t in inputs])),
             "events": events,
             "param_grads": param_grads,
             **self._audit(model),
@@ -281,6 +287,8 @@ class Localization:
         device: the device of each capture, ``(reference, other)``.
         modules: every differing module, in execution order.
         note: a sentence when nothing or only a parameter gradient differed.
+        input_differs: the model's input (its first call's positional tensors) already
+            differed: the data pipeline, whichever loader the script uses.
     """
 
     step: int
@@ -293,10 +301,16 @@ class Localization:
     device: tuple[str, str] = ("cpu", "cpu")
     modules: list[str] = field(default_factory=list)
     note: str = ""
+    input_differs: bool = False
 
     def describe(self) -> str:
         """``first difference in `features.0` (Conv2d) forward output`` or what was found."""
-        if self.module is not None:
+        if self.input_differs:
+            text = (
+                "the model's input already differed (the batch differs: the data pipeline); "
+                f"first difference in `{self.module}` ({self.module_class}) {self.phase}"
+            )
+        elif self.module is not None:
             call = f", call {self.call}" if self.call > 1 else ""
             text = f"first difference in `{self.module}` ({self.module_class}) {self.phase}{call}"
         elif self.param is not None:
@@ -324,6 +338,7 @@ class Localization:
             "device": list(self.device),
             "modules": list(self.modules),
             "note": self.note,
+            "input_differs": self.input_differs,
             "description": self.describe(),
         }
 
@@ -391,6 +406,8 @@ def compare_captures(reference: dict[str, Any], other: dict[str, Any]) -> Locali
     for _, name, _ in differing:
         if name not in modules:
             modules.append(name)
+    inputs = reference.get("inputs"), other.get("inputs")
+    input_differs = None not in inputs and inputs[0] != inputs[1]
     if differing:
         phase, name, call = differing[0]
         event = ref.get(differing[0]) or oth[differing[0]]
@@ -403,6 +420,7 @@ def compare_captures(reference: dict[str, Any], other: dict[str, Any]) -> Locali
             flagged_ops=flagged,
             device=device,
             modules=modules,
+            input_differs=input_differs,
         )
     grads_a = {g["name"]: g["checksum"] for g in reference.get("param_grads", [])}
     grads_b = {g["name"]: g["checksum"] for g in other.get("param_grads", [])}
