@@ -269,7 +269,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 def _count_lines(path: Path) -> int:
     try:
         with open(path, "rb") as f:
-            return max(sum(1 for _ in f) - 1, 0)  # minus the header line
+            return sum(1 for line in f if line.startswith(b'{"step"'))  # not the headers
     except OSError:
         return 0
 
@@ -542,7 +542,12 @@ def run_check(
                 if comparison.identical:  # an untested variation must not pass as a proof
                     result.error = effect
                     return CheckReport(results, comparisons, f'run "{spec.name}": {effect}')
-                notes.append(f'run "{spec.name}": {effect} (yet it differs)')
+                # it differs, so something changed: the script's own loader may have read
+                # the variable, which no torchrepro loader recorded
+                notes.append(
+                    f'run "{spec.name}": '
+                    + effect.replace("had no effect:", "is not confirmed by the trace:")
+                )
         report = CheckReport(results, comparisons, notes=notes)
         reference = results[0]
         assert reference.trace is not None

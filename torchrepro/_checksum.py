@@ -90,21 +90,22 @@ def _lshr(x: torch.Tensor, shift: int) -> torch.Tensor:
     return (x >> shift) & ((1 << (64 - shift)) - 1)
 
 
-def _xorshift_(y: torch.Tensor, shift: int) -> None:
-    """``y ^= y >> shift`` (logical shift), in place."""
-    t = torch.bitwise_right_shift(y, shift)
-    t.bitwise_and_((1 << (64 - shift)) - 1)
-    y.bitwise_xor_(t)
+def _xorshift_(y: torch.Tensor, shift: int, scratch: torch.Tensor) -> None:
+    """``y ^= y >> shift`` (logical shift), in place, using ``scratch`` (same shape)."""
+    torch.bitwise_right_shift(y, shift, out=scratch)
+    scratch.bitwise_and_((1 << (64 - shift)) - 1)
+    y.bitwise_xor_(scratch)
 
 
 def _mixed(words: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``h(words XOR keys)`` elementwise (``keys`` broadcasts), in a new int64 tensor."""
     y = torch.bitwise_xor(words, keys)
-    _xorshift_(y, 33)
+    scratch = torch.empty_like(y)  # one temporary for the three shifts
+    _xorshift_(y, 33, scratch)
     y.mul_(_signed(_H1))
-    _xorshift_(y, 29)
+    _xorshift_(y, 29, scratch)
     y.mul_(_signed(_H2))
-    _xorshift_(y, 32)
+    _xorshift_(y, 32, scratch)
     return y
 
 
