@@ -147,7 +147,7 @@ def test_folk_recipe_report_shows_the_step_one_divergence(tmp_path):
         else [str(REPO / "examples" / "train_digits.py"), "--folk-recipe"]
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "torchrepro", "check", "--vary", "num_workers=0,2", "--no-localize",
+        [sys.executable, "-m", "torchrepro", "check", "--vary", "num_workers=0,2",
          "--keep", str(keep), "--report", str(report), "--",
          sys.executable, *script, "--epochs", "1", "--limit", "320"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
@@ -167,6 +167,12 @@ def test_folk_recipe_report_shows_the_step_one_divergence(tmp_path):
         ), group
     text = " ".join(page.text)
     assert "num_workers=2 vs run 1" in text
+    # torch's DataLoader records no batch; the one-step re-run saw the model's input differ,
+    # so the batch is blamed and num_workers ranks as a suspect for such a loader.
+    assert "re-ran" in proc.stdout and "(1 step each)" in proc.stdout
+    assert "the model's input already differed" in proc.stdout
+    assert "batch differs at step 1" in text
+    assert "env.TORCHREPRO_NUM_WORKERS" in text and "other loaders do" in text
     if _chromium():
         shot = tmp_path / "shot.png"
         subprocess.run(

@@ -655,6 +655,12 @@ def _localize_divergence(
             report.localization_note = f'not localized: the re-run of "{spec.name}" {exc}'
             return
     report.localization = compare_captures(captures[0], captures[1])
+    if report.localization.input_differs and explanation.batch_differs is None:
+        # The traces held no batch checksum (another loader): the capture saw it differ.
+        assert reference.trace is not None
+        assert run.trace is not None
+        index = report.explanations.index(explanation)
+        report.explanations[index] = explain(reference.trace, run.trace, comparison, batch=True)
     origin = f"the checkpoint at step {start}" if start else "the start"
     report.localization_note = (
         f're-ran "{reference.spec.name}" and "{run.spec.name}" from {origin} of "{reference.spec.name}" '

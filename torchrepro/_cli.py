@@ -161,7 +161,8 @@ def _print_explanation(report: CheckReport) -> None:
         print(f"  module: {report.localization.describe()}")
     if report.localization_note:
         print(f"  {report.localization_note}")
-    lines = first.lines()[1 if first.batch_differs is not None else 0 :]
+    # The comparison printed its own batch line when the traces held batch checksums.
+    lines = first.lines()[1 if first.comparison.batch_differs is not None else 0 :]
     print("\n".join("  " + line for line in lines))
 
 

@@ -260,20 +260,27 @@ def batch_differs(comparison: Comparison) -> bool | None:
 
 
 def explain(
-    reference: TraceData, other: TraceData, comparison: Comparison | None = None
+    reference: TraceData,
+    other: TraceData,
+    comparison: Comparison | None = None,
+    *,
+    batch: bool | None = None,
 ) -> Explanation:
     """Compare two traces (unless ``comparison`` is given) and rank their fingerprints' differences.
 
     Args:
         reference, other: the traces, e.g. from two machines or two dates.
         comparison: their :func:`compare_traces` result, when already computed.
+        batch: whether the batch differed, when known otherwise (a localization saw the
+            model's input differ); default: from the traces' batch checksums.
 
     Returns:
         An :class:`Explanation`.
     """
     if comparison is None:
         comparison = compare_traces(reference, other)
-    batch = batch_differs(comparison)
+    if batch is None:
+        batch = batch_differs(comparison)
     fp_a, fp_b = header_fingerprint(reference.header), header_fingerprint(other.header)
     if fp_a is None or fp_b is None:
         missing = [t.path for t, fp in ((reference, fp_a), (other, fp_b)) if fp is None]
