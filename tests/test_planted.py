@@ -36,6 +36,9 @@ def test_planted_module_is_named(tmp_path, monkeypatch, plant, step, rerun):
         "forward output",
     )
     assert rerun in report.localization_note
+    data = report.to_dict()  # what `check --json` prints
+    assert data["localization"]["module"] == "features.3"
+    assert data["explanations"][0]["comparison"]["first_step"] == step
     # The reference kept its checkpoints; the comparison run did not.
     assert sorted(p.name for p in (tmp_path / "run1").glob("checkpoint.pt.step*")) == [
         "checkpoint.pt.step2",
@@ -60,6 +63,8 @@ def test_planted_dataset_rng_is_a_batch_difference(tmp_path, monkeypatch):
     assert report.comparisons[0].first_step == 1
     assert report.comparisons[0].batch_differs is True
     assert report.explanations[0].batch_differs is True
+    # `check --json` carries what `compare --json` does, per comparison.
+    assert report.to_dict()["explanations"][0]["batch_differs"] is True
     # The model is not to blame: no re-run, and the reason is said.
     assert report.localization is None
     assert "the batch at step 1 already differed" in report.localization_note
