@@ -64,7 +64,7 @@ def test_num_workers_is_a_suspect_only_when_the_batch_differed():
     assert rank_differences(BASE, b, first_step=1, batch_differs=False) == []
     (suspect,) = rank_differences(BASE, b, first_step=1, batch_differs=True)
     assert suspect.difference.key == "env.TORCHREPRO_NUM_WORKERS"
-    assert "other loaders do" in suspect.why
+    assert "other loaders' batches depend on it" in suspect.why
 
 
 def _trace(path: Path, fingerprint: dict | None, values: list[float]) -> Path:

@@ -172,7 +172,7 @@ def test_folk_recipe_report_shows_the_step_one_divergence(tmp_path):
     assert "re-ran" in proc.stdout and "(1 step each)" in proc.stdout
     assert "the model's input already differed" in proc.stdout
     assert "batch differs at step 1" in text
-    assert "env.TORCHREPRO_NUM_WORKERS" in text and "other loaders do" in text
+    assert "env.TORCHREPRO_NUM_WORKERS" in text and "other loaders' batches depend on it" in text
     if _chromium():
         shot = tmp_path / "shot.png"
         subprocess.run(

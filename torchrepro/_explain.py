@@ -183,7 +183,7 @@ def rank_differences(
             continue
         score, why = _score(d, category, from_start=from_start, batch_differs=batch_differs)
         if not d.changes_results:
-            why = "torchrepro.DataLoader does not depend on it, but other loaders do; " + why
+            why = "other loaders' batches depend on it; " + why
         likelihood = "high" if score >= 70 else "medium" if score >= 40 else "low"
         suspects.append(Suspect(d, likelihood, score, why))
     return sorted(suspects, key=lambda s: (-s.score, s.difference.rank, s.difference.key))

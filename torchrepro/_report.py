@@ -364,7 +364,8 @@ def render_html(
         )
     else:
         parts.append("<p>No fingerprint difference that can change results.</p>")
-    harmless = [d for d in differences if not d.changes_results]
+    suspected = {s.difference.key for s in suspects}
+    harmless = [d for d in differences if not d.changes_results and d.key not in suspected]
     if harmless:
         parts.append(f"<p class=note>Harmless differences ({len(harmless)}):</p>")
         parts.append(
