@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,17 @@ def test_a_different_model_input_is_said_first(tmp_path):
     assert found.input_differs and found.module == "0"
     assert found.describe().startswith("the model's input already differed")
     assert not compare_captures(a, a).input_differs
+
+
+def test_check_does_not_rerun_unbounded_without_a_checkpoint(tmp_path, monkeypatch):
+    """No checkpoint before the divergent step: no automatic re-run, and check says why."""
+    from torchrepro._check import run_check
+
+    script = Path(__file__).resolve().parent / "scripts" / "tiny_train.py"
+    monkeypatch.setenv("TINY_NUDGE_MARKER", str(tmp_path / "marker"))
+    monkeypatch.setenv("TINY_NO_CHECKPOINT", "1")
+    report = run_check([sys.executable, str(script)], runs=2, keep=tmp_path / "runs", seed=0)
+    assert report.comparisons[0].first_step == 7
+    assert report.localization is None
+    assert "no checkpoint before step 7 was kept" in report.localization_note
+    assert not list((tmp_path / "runs").glob("localize*"))
