@@ -25,7 +25,7 @@ def test_import_does_not_add_numpy_beyond_torch():
 def test_import_pulls_no_optional_package():
     code = (
         "import sys, torchrepro\n"
-        "heavy = [m for m in ('numpy', 'torchvision', 'sklearn', 'hypothesis', 'lightning') if sys.modules.get(m) is not None]\n"
+        "heavy = [m for m in ('numpy', 'torchvision', 'sklearn', 'hypothesis', 'lightning', 'matplotlib') if sys.modules.get(m) is not None]\n"
         "print(','.join(heavy))"
     )
     # torch itself may import numpy when it is installed; block it to see torchrepro's own imports.
@@ -63,7 +63,17 @@ CORE = {
     "_runinfo",
     "_version",
 }
-VERIFICATION = {"_checksum", "_tracefile", "_trace", "_compare", "_audit", "_check"}
+VERIFICATION = {
+    "_checksum",
+    "_tracefile",
+    "_trace",
+    "_compare",
+    "_audit",
+    "_check",
+    "_localize",
+    "_explain",
+    "_report",
+}
 # What each layer must not import (the layers above it).
 FORBIDDEN = {
     **{

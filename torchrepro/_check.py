@@ -25,6 +25,8 @@ from ._checkpoint import read_checkpoint
 from ._compare import Comparison, TraceData, compare_traces, read_trace
 from ._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
 from ._errors import CheckpointError, TraceError
+from ._explain import Explanation, explain
+from ._localize import CAPTURE_SUFFIX, Localization, compare_captures, read_capture
 from ._seed import derive_seed, seed_from_env
 
 __all__ = ["CheckReport", "RunResult", "RunSpec", "plan_runs", "run_check", "run_environment"]
@@ -105,6 +107,10 @@ class CheckReport:
     comparisons: list[Comparison]
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Why runs part (issue 14): batch and fingerprint per comparison, and the module.
+    explanations: list[Explanation] = field(default_factory=list)
+    localization: Localization | None = None
+    localization_note: str = ""
 
     def _pairs(self) -> list[tuple[RunResult, Comparison]]:
         return list(zip(self.runs[1:], self.comparisons, strict=False))
@@ -184,6 +190,9 @@ class CheckReport:
                 for r in self.runs
             ],
             "comparisons": [c.to_dict() for c in self.comparisons],
+            "explanations": [e.to_dict() for e in self.explanations],
+            "localization": None if self.localization is None else self.localization.to_dict(),
+            "localization_note": self.localization_note,
             "seed_without_effect": self.seed_without_effect,
             "notes": list(self.notes),
         }
@@ -450,6 +459,7 @@ def run_check(
     keep: str | os.PathLike[str] | None = None,
     seed: int | None = None,
     progress: Progress | None = None,
+    localize: bool | None = None,
 ) -> CheckReport:
     """Run ``command`` several ways and compare every trace with the first.
 
@@ -467,6 +477,10 @@ def run_check(
         keep: keep traces and logs in this directory (else a temporary one is removed).
         seed: the seed for every run.
         progress: called with a short status line while runs proceed.
+        localize: on divergence, re-run the two diverging configurations for the first
+            divergent step with per-module checksums (see :func:`_localize_divergence`).
+            None: only when the batch was identical and the re-run is at most one
+            checkpoint interval; True: always; False: never.
 
     Returns:
         A :class:`CheckReport`; it stops at the first failed run, and at the first run
@@ -495,7 +509,8 @@ def run_check(
         for index, spec in enumerate(specs):
             if progress is not None:
                 progress(f"run {index + 1}/{len(specs)}: {spec.name}")
-            result = _execute(command, spec, root / f"run{index + 1}", base_env, progress)
+            env = {**base_env, _envvars.KEEP_CHECKPOINTS: "1"} if index == 0 else base_env
+            result = _execute(command, spec, root / f"run{index + 1}", env, progress)
             results.append(result)
             if result.error is not None:
                 return CheckReport(results, comparisons, f'run "{spec.name}" {result.error}')
@@ -533,7 +548,121 @@ def run_check(
                     f'run "{spec.name}": '
                     + effect.replace("had no effect:", "is not confirmed by the trace:")
                 )
-        return CheckReport(results, comparisons, notes=notes)
+        report = CheckReport(results, comparisons, notes=notes)
+        reference = results[0]
+        assert reference.trace is not None
+        report.explanations = [
+            explain(reference.trace, r.trace, c)
+            for r, c in zip(results[1:], comparisons, strict=True)
+            if r.trace is not None
+        ]
+        if localize is not False and report.unexpected:
+            _localize_divergence(report, command, base_env, root, force=localize, progress=progress)
+        return report
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _kept_checkpoints(directory: Path) -> dict[int, Path]:
+    """The checkpoints a run kept with TORCHREPRO_KEEP_CHECKPOINTS, by step."""
+    kept = {}
+    for path in directory.glob("checkpoint.pt.step*"):
+        suffix = path.name.rsplit(".step", 1)[1]
+        if suffix.isdigit():
+            kept[int(suffix)] = path
+    return kept
+
+
+def _localize_divergence(
+    report: CheckReport,
+    command: Sequence[str],
+    base_env: dict[str, str],
+    root: Path,
+    *,
+    force: bool | None,
+    progress: Progress | None,
+) -> None:
+    """Name the first module whose output or gradient differs at the first divergent step N.
+
+    The reference run kept every checkpoint it saved (``TORCHREPRO_KEEP_CHECKPOINTS``:
+    hard links, no extra write). Both diverging configurations are re-run from the
+    reference's last checkpoint before N (the state both runs shared, since their traces
+    agreed up to N) with ``TORCHREPRO_LOCALIZE_STEP=N``; each re-run ends after step N,
+    so it costs at most one checkpoint interval. Without a checkpoint before N it starts
+    from scratch, which ``localize=None`` allows only for N = 1 or N within the first
+    checkpoint interval. Nothing runs when the runs agree.
+    """
+    pairs = [
+        (r, c, e)
+        for r, c, e in zip(report.runs[1:], report.comparisons, report.explanations, strict=False)
+        if c in report.unexpected and c.first_step is not None
+    ]
+    if not pairs:
+        return
+    run, comparison, explanation = min(pairs, key=lambda p: p[1].first_step or 0)
+    step = comparison.first_step
+    assert step is not None
+    if explanation.batch_differs and not force:
+        report.localization_note = (
+            f"not localized: the batch at step {step} already differed, so every module "
+            "sees other inputs (use --localize to re-run anyway)"
+        )
+        return
+    reference = report.runs[0]
+    kept = _kept_checkpoints(reference.directory)
+    start = max((k for k in kept if k < step), default=0)
+    interval = min(kept, default=None)
+    if not force and step - start > 1 and (interval is None or step - start > interval):
+        report.localization_note = (
+            f"not localized: no checkpoint before step {step} was kept, so the re-run would "
+            f"train {step} steps from the start (use --localize to re-run anyway)"
+        )
+        return
+    captures = []
+    for index, spec in enumerate((reference.spec, run.spec)):
+        env = dict(spec.env)
+        if spec.resume_at is not None and step > spec.resume_at:
+            env.update(spec.resume_env)
+        directory = root / f"localize{index + 1}"
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        trace = directory / "trace.jsonl"
+        if start:  # the checkpoint and the trace it continues (cut back to its step on resume)
+            shutil.copyfile(kept[start], directory / "checkpoint.pt")
+            shutil.copyfile(reference.directory / "trace.jsonl", trace)
+        run_env = {
+            **base_env,
+            **env,
+            _envvars.TRACE: str(trace),
+            _envvars.CHECKPOINT: str(directory / "checkpoint.pt"),
+            _envvars.LOCALIZE_STEP: str(step),
+        }
+        run_env.pop(_envvars.STOP_AT, None)
+        run_env.pop(_envvars.KEEP_CHECKPOINTS, None)
+        label = f"localize {spec.name}: steps {start + 1}..{step}"
+        if progress is not None:
+            progress(label)
+        code = _run_process(
+            command, run_env, directory, label=label, trace=trace, progress=progress
+        )
+        try:
+            if code != 0:
+                raise TraceError(f"exited with status {code}: {_tail(directory / 'stderr.log', 5)}")
+            captures.append(read_capture(str(trace) + CAPTURE_SUFFIX))
+        except TraceError as exc:
+            report.localization_note = f'not localized: the re-run of "{spec.name}" {exc}'
+            return
+    report.localization = compare_captures(captures[0], captures[1])
+    if report.localization.input_differs and explanation.batch_differs is None:
+        # The traces held no batch checksum (another loader): the capture saw it differ.
+        assert reference.trace is not None
+        assert run.trace is not None
+        index = report.explanations.index(explanation)
+        report.explanations[index] = explain(reference.trace, run.trace, comparison, batch=True)
+    origin = f"the checkpoint at step {start}" if start else "the start"
+    report.localization_note = (
+        f're-ran "{reference.spec.name}" and "{run.spec.name}" from {origin} of "{reference.spec.name}" '
+        f"to step {step} ({step - start} step{'s' if step - start != 1 else ''} each) with per-module checksums"
+    )

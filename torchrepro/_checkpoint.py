@@ -586,6 +586,22 @@ def load_checkpoint(
     return extra
 
 
+def _keep(path: Path, steps: int) -> None:
+    """``TORCHREPRO_KEEP_CHECKPOINTS=1``: keep this save as ``<path>.step<K>`` (a hard link).
+
+    ``torchrepro check`` sets it on its reference run, so a divergence at step N can be
+    re-run from the last checkpoint before N. Saves replace the file, never rewrite it, so
+    the link keeps this save's bytes; it falls back to a copy where links fail.
+    """
+    kept = path.with_name(f"{path.name}.step{steps}")
+    with contextlib.suppress(FileNotFoundError):
+        kept.unlink()
+    try:
+        os.link(path, kept)
+    except OSError:
+        kept.write_bytes(path.read_bytes())
+
+
 # ----------------------------------------------------------------------------- Checkpointer
 
 
@@ -616,6 +632,7 @@ class Checkpointer:
         ``TORCHREPRO_CHECKPOINT``: replaces ``path`` (a checker gives each run its own).
         ``TORCHREPRO_STOP_AT=K``: when ``.steps`` reaches K, save and end the process with
         status 0 (a clean stand-in for a crash right after a save).
+        ``TORCHREPRO_KEEP_CHECKPOINTS=1``: also keep each save as ``<path>.step<K>``.
 
     Logging (logger ``"torchrepro"``, WARNING, so visible by default; rank 0 only): ``resume()`` says
     "resumed from PATH at step K"; and when a resumed process ends without a single
@@ -698,6 +715,8 @@ class Checkpointer:
                 f"this Checkpointer has no path (pass one, or set {_envvars.CHECKPOINT})"
             )
         _save(self.path, self.objects, extra, meta={"steps": self.steps})
+        if _envvars.env_int(_envvars.KEEP_CHECKPOINTS, low=0, high=1) and _dist.group_rank() == 0:
+            _keep(self.path, self.steps)
 
     def step(self, extra: dict[str, Any] | None = None) -> None:
         """Count one completed training step; save every ``every`` steps.

@@ -146,8 +146,24 @@ def _print_report(report: CheckReport, kept: bool) -> None:
         verdict = ""  # later divergences keep their own verdict line
     for note in report.notes:
         print(f"note: {note}")
+    _print_explanation(report)
     names = ", ".join(f'"{r.spec.name}"' for r in report.runs)
     print(f"runs: {names}")
+
+
+def _print_explanation(report: CheckReport) -> None:
+    """Why the runs part, after the comparison's batch line: the module, the environment."""
+    diverged = [e for e in report.explanations if e.comparison in report.unexpected]
+    if not diverged:
+        return
+    first = min(diverged, key=lambda e: e.comparison.first_step or 0)
+    if report.localization is not None:
+        print(f"  module: {report.localization.describe()}")
+    if report.localization_note:
+        print(f"  {report.localization_note}")
+    # The comparison printed its own batch line when the traces held batch checksums.
+    lines = first.lines()[1 if first.comparison.batch_differs is not None else 0 :]
+    print("\n".join("  " + line for line in lines))
 
 
 def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -169,6 +185,7 @@ def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             keep=args.keep,
             seed=args.seed,
             progress=progress,
+            localize=args.localize,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -178,9 +195,42 @@ def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         print(json.dumps(report.to_dict(), indent=2))
     else:
         _print_report(report, kept=args.keep is not None)
+    if args.report:
+        from ._report import check_page, write_report
+
+        options = [f"--vary {v}" for v in args.vary]
+        options += [f"--resume-at {args.resume_at}"] if args.resume_at else []
+        title = " ".join(["torchrepro check", *options, "--", *command])
+        write_report(args.report, check_page(report, title))
+        print(f"report: {args.report}", file=sys.stderr)
     if report.error is not None:
         return EXIT_USAGE
     return EXIT_OK if report.reproducible else EXIT_DIFFERENT
+
+
+def _cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from ._compare import compare_traces, read_trace
+    from ._errors import TraceError
+    from ._explain import explain
+
+    try:
+        a, b = (read_trace(path) for path in args.traces)
+    except TraceError as exc:
+        print(f"torchrepro compare: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    explanation = explain(a, b, compare_traces(a, b, names=(args.traces[0], args.traces[1])))
+    if args.json:
+        print(json.dumps(explanation.to_dict(), indent=2, default=str))
+    else:
+        print(explanation.comparison.format())
+        for line in explanation.lines():
+            print(f"  {line}")
+    if args.report:
+        from ._report import compare_page, write_report
+
+        write_report(args.report, compare_page(explanation, a, b))
+        print(f"report: {args.report}", file=sys.stderr)
+    return EXIT_OK if explanation.comparison.identical else EXIT_DIFFERENT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,8 +285,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=_seed_arg, help="TORCHREPRO_SEED for every run (default: yours, or 0)"
     )
     check.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    check.add_argument(
+        "--localize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on divergence, re-run the two diverging runs for the first divergent step and name the "
+        "first module whose output or gradient differs (default: when the batch was identical and "
+        "a checkpoint before that step exists)",
+    )
+    check.add_argument("--report", metavar="PATH.html", help="also write an HTML report")
     check.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     check.set_defaults(func=_cmd_check, parser=check)
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare two traces (two machines, two dates) and rank the environment differences",
+        description="Compare two traces bitwise: the first divergent step and tensor, whether the "
+        "batch already differed, and the result-changing differences of the fingerprints in the "
+        "traces' headers, most likely explanation first. Exit 0: identical; 1: diverged; 2: error.",
+    )
+    compare.add_argument("traces", nargs=2, metavar=("A.jsonl", "B.jsonl"))
+    compare.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    compare.add_argument("--report", metavar="PATH.html", help="also write an HTML report")
+    compare.set_defaults(func=_cmd_compare, parser=compare)
     return parser
 
 

@@ -14,6 +14,9 @@ STOP_AT = "TORCHREPRO_STOP_AT"
 TRACE = "TORCHREPRO_TRACE"
 TRACE_ALL_RANKS = "TORCHREPRO_TRACE_ALL_RANKS"
 DIST_TIMEOUT = "TORCHREPRO_DIST_TIMEOUT"
+# Localization (torchrepro check): capture one step per module; keep every checkpoint.
+LOCALIZE_STEP = "TORCHREPRO_LOCALIZE_STEP"
+KEEP_CHECKPOINTS = "TORCHREPRO_KEEP_CHECKPOINTS"
 
 
 def env_int(name: str, *, low: int, high: int | None = None) -> int | None:

@@ -26,6 +26,7 @@ from . import _dist, _envvars, _runinfo
 from ._checksum import tensor_checksums, tensor_norms
 from ._errors import TraceError
 from ._fingerprint import fingerprint
+from ._localize import Capture
 from ._statedict import check_versioned
 from ._tracefile import (
     TRACE_FORMAT,
@@ -249,6 +250,8 @@ class Trace:
         self._size = 0  # bytes in the file after the last complete write
         self._headed = False  # this object has written its header
         self._traced = False  # this object has traced a step (its first records norms)
+        # TORCHREPRO_LOCALIZE_STEP: per-module checksums of one step (torchrepro check).
+        self._capture = Capture.from_env(traced=base is not None)
 
     def __repr__(self) -> str:
         return f"Trace(path={self._base!r}, every={self._every}, grads={self._grads}, step={self._step})"
@@ -307,6 +310,8 @@ class Trace:
             OSError: the trace file cannot be written.
         """
         self._step += 1
+        if self._capture is not None:
+            self._capture.after_step(self._step, model, self._resolve())
         if self._file is None or self._step % self._every:
             return
         path = self._resolve()
@@ -476,6 +481,8 @@ class Trace:
         if step < 0:
             raise ValueError(f"Trace state 'step' must be an int >= 0, got {step}")
         self._step = step
+        if self._capture is not None:
+            self._capture.sync(step)
         path = self._resolve()
         if path is None:
             return

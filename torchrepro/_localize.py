@@ -1,0 +1,439 @@
+"""Which module? Per-module checksums of one step's forward outputs and gradients.
+
+A run started with ``TORCHREPRO_LOCALIZE_STEP=N`` captures step ``N`` only: once
+:class:`torchrepro.Trace` has counted step ``N - 1`` (or at its creation or resume when that
+is where the run stands), :class:`Capture` arms global module hooks
+(``register_module_forward_hook``): every module's forward output is checksummed when the
+call returns, and a tensor hook on each output that requires grad checksums the gradient
+reaching it during backward. At ``trace.step()`` for step ``N`` the events of the model's
+modules are named (``model.named_modules()``), the parameters' gradients are checksummed,
+:func:`torchrepro.audit` is run once on the model's inputs of that step to collect the ops
+PyTorch flags as nondeterministic on this device, and the record is written to
+``<trace file>.localize.json``. Then the process ends with status 0: the captured run is
+bounded by the steps from its starting checkpoint to ``N``.
+
+:func:`compare_captures` names the first event, in execution order (forward outputs in the
+order their calls return, then gradients in the order backward reaches them), whose
+checksums differ between two captures. The capture file has one owner, this module: it
+writes (:meth:`Capture.finish`), reads (:func:`read_capture`) and versions it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from . import _envvars
+from ._audit import audit
+from ._checksum import tensor_checksums
+from ._errors import TraceError
+
+__all__ = [
+    "CAPTURE_SUFFIX",
+    "Capture",
+    "Localization",
+    "compare_captures",
+    "read_capture",
+]
+
+CAPTURE_FORMAT = "torchrepro-localize"
+CAPTURE_VERSION = 1
+CAPTURE_SUFFIX = ".localize.json"
+_ROOT = "(model)"
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    """Every tensor inside nested tuples, lists and dicts, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
+
+
+def _hex(values: list[int]) -> list[str]:
+    return [f"{v:016x}" for v in values]
+
+
+def _sum_outputs(output: object) -> torch.Tensor:
+    """A scalar that backpropagates into every floating-point output (for the audit pass)."""
+    parts = [t.float().sum() for t in _tensors(output) if t.is_floating_point() and t.requires_grad]
+    if not parts:
+        return torch.zeros((), requires_grad=False)
+    return torch.stack(parts).sum()
+
+
+class Capture:
+    """Capture one step's per-module checksums; armed and finished by :class:`Trace`.
+
+    Args:
+        step: the step to capture (``TORCHREPRO_LOCALIZE_STEP``), at least 1.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self._handles: list[RemovableHandle] = []
+        # (phase, id(module), call number, class name, checksums)
+        self._events: list[tuple[str, int, int, str, list[str]]] = []
+        self._calls: dict[int, int] = {}
+        self._depth = 0
+        self._first_args: dict[int, tuple[Any, ...]] = {}
+
+    @classmethod
+    def from_env(cls, *, traced: bool) -> Capture | None:
+        """A capture for ``TORCHREPRO_LOCALIZE_STEP``, armed if the run is at step 0.
+
+        Args:
+            traced: whether the trace writes a file (the capture goes next to it).
+
+        Returns:
+            None when the variable is unset.
+
+        Raises:
+            ValueError: the variable is not an integer >= 1, or the trace is disabled.
+        """
+        step = _envvars.env_int(_envvars.LOCALIZE_STEP, low=1)
+        if step is None:
+            return None
+        if not traced:
+            raise ValueError(
+                f"{_envvars.LOCALIZE_STEP} is set but the Trace writes no file: set "
+                f"{_envvars.TRACE} (the capture is written next to the trace)"
+            )
+        capture = cls(step)
+        capture.sync(0)
+        return capture
+
+    def after_step(self, steps_done: int, model: torch.nn.Module | None, trace: str | None) -> None:
+        """Called by ``Trace.step``: finish the captured step and end the process, or re-arm.
+
+        Raises:
+            SystemExit: (status 0) after the captured step's record is written.
+        """
+        if steps_done != self.step:
+            self.sync(steps_done)
+            return
+        self.finish(model, None if trace is None else trace + CAPTURE_SUFFIX)
+        raise SystemExit(0)
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def sync(self, steps_done: int) -> None:
+        """Arm the hooks when the run stands right before the captured step, else disarm."""
+        if steps_done == self.step - 1:
+            self._arm()
+        else:
+            self._disarm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._events, self._calls, self._first_args, self._depth = [], {}, {}, 0
+        modules = torch.nn.modules.module
+        self._handles = [
+            modules.register_module_forward_pre_hook(self._pre),
+            modules.register_module_forward_hook(self._post),
+        ]
+
+    def _disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self._depth += 1
+        # The inputs of the outermost calls (the model, or a wrapper and the model under
+        # it), kept by reference for the audit pass.
+        if self._depth <= 2 and id(module) not in self._first_args:
+            self._first_args[id(module)] = args
+
+    def _post(self, module: torch.nn.Module, args: object, output: object) -> None:
+        self._depth = max(self._depth - 1, 0)
+        key = id(module)
+        call = self._calls[key] = self._calls.get(key, 0) + 1
+        kind = type(module).__name__
+        tensors = _tensors(output)
+        with torch.no_grad():
+            sums = _hex(tensor_checksums([t.detach() for t in tensors]))
+        self._events.append(("forward", key, call, kind, sums))
+        for index, t in enumerate(tensors):
+            if t.requires_grad:
+                t.register_hook(self._grad_hook(key, call, kind, index))
+
+    def _grad_hook(self, key: int, call: int, kind: str, index: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                sums = _hex(tensor_checksums([grad.detach()]))
+            self._events.append(("backward", key, call, kind, [f"{index}:{sums[0]}"]))
+
+        return hook
+
+    def finish(self, model: torch.nn.Module | None, path: str | None) -> None:
+        """Write the capture of the step just finished to ``path`` (None: write nothing).
+
+        Raises:
+            ValueError: no ``model`` was passed to ``trace.step()``.
+        """
+        self._disarm()
+        if model is None:
+            raise ValueError(
+                f"{_envvars.LOCALIZE_STEP}={self.step} needs the model: call "
+                "trace.step(loss=loss, model=model) so the capture can name its modules"
+            )
+        if path is None:
+            return
+        names = {id(m): (name or _ROOT) for name, m in model.named_modules()}
+        events = [
+            {"phase": phase, "module": names[key], "class": kind, "call": call, "checksums": sums}
+            for phase, key, call, kind, sums in self._events
+            if key in names
+        ]
+        params = list(model.named_parameters())
+        grads = [p.grad for _, p in params]
+        sums = iter(_hex(tensor_checksums([g.detach() for g in grads if g is not None])))
+        param_grads = [
+            {"name": name, "checksum": None if g is None else next(sums)}
+            for (name, _), g in zip(params, grads, strict=True)
+        ]
+        args = self._first_args.get(id(model))
+        inputs = None if args is None else _tensors(args)
+        record = {
+            "format": CAPTURE_FORMAT,
+            "version": CAPTURE_VERSION,
+            "step": self.step,
+            "device": str(next((p.device for _, p in params), torch.device("cpu"))),
+            # The model's first call's positional tensors: the batch, whatever the loader.
+            "inputs": None
+            if inputs is None
+            else _hex(tensor_checksums([t.detach() for t in inputs])),
+            "events": events,
+            "param_grads": param_grads,
+            **self._audit(model),
+        }
+        self._events, self._first_args = [], {}
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+
+    def _audit(self, model: torch.nn.Module) -> dict[str, Any]:
+        """``audit`` once on the model's inputs of this step: flagged ops, in-process check."""
+        args = self._first_args.get(id(model))
+        if args is None:
+            return {"flagged_ops": [], "audit": None, "audit_error": "the model was not called"}
+        try:
+            report = audit(model, *args, loss_fn=_sum_outputs, runs=2)
+        except Exception as exc:  # the audit is a bonus; the checksums above stand
+            return {"flagged_ops": [], "audit": None, "audit_error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "flagged_ops": list(report.flagged_ops),
+            "audit": {
+                "deterministic": report.deterministic,
+                "first_module": report.first_module,
+                "modules": list(report.modules),
+            },
+            "audit_error": None,
+        }
+
+
+def read_capture(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a capture written by a run with ``TORCHREPRO_LOCALIZE_STEP``.
+
+    Raises:
+        TraceError: the file is missing, not a capture, or of another version.
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as exc:
+        raise TraceError(
+            f"{name} does not exist: the run did not reach the captured step with "
+            f"{_envvars.LOCALIZE_STEP} set (does it call trace.step(model=model)?)"
+        ) from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{name} is not a torchrepro localize capture: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != CAPTURE_FORMAT:
+        raise TraceError(f"{name} is not a torchrepro localize capture (no {CAPTURE_FORMAT} tag)")
+    if data.get("version") != CAPTURE_VERSION:
+        raise TraceError(
+            f"{name} is a localize capture of version {data.get('version')!r}; "
+            f"this torchrepro reads version {CAPTURE_VERSION}"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class Localization:
+    """Where two captures of the same step first differ.
+
+    Attributes:
+        step: the captured step.
+        module: qualified name of the first differing module (``"(model)"`` for the model
+            itself), None when no module's output or gradient differed.
+        module_class: its class name.
+        phase: ``"forward output"`` or ``"gradient"`` (of the module's output).
+        call: which call of the module (1 for the first) differed.
+        param: with no differing module, the first parameter whose gradient differed.
+        flagged_ops: ops PyTorch flags as nondeterministic on each run's device.
+        device: the device of each capture, ``(reference, other)``.
+        modules: every differing module, in execution order.
+        note: a sentence when nothing or only a parameter gradient differed.
+        input_differs: the model's input (its first call's positional tensors) already
+            differed: the data pipeline, whichever loader the script uses.
+    """
+
+    step: int
+    module: str | None
+    module_class: str | None = None
+    phase: str | None = None
+    call: int = 1
+    param: str | None = None
+    flagged_ops: list[str] = field(default_factory=list)
+    device: tuple[str, str] = ("cpu", "cpu")
+    modules: list[str] = field(default_factory=list)
+    note: str = ""
+    input_differs: bool = False
+
+    def describe(self) -> str:
+        """``first difference in `features.0` (Conv2d) forward output`` or what was found."""
+        if self.input_differs:
+            text = (
+                "the model's input already differed (the batch differs: the data pipeline); "
+                f"first difference in `{self.module}` ({self.module_class}) {self.phase}"
+            )
+        elif self.module is not None:
+            call = f", call {self.call}" if self.call > 1 else ""
+            text = f"first difference in `{self.module}` ({self.module_class}) {self.phase}{call}"
+        elif self.param is not None:
+            text = f"no module output or output gradient differed; first differing parameter gradient `{self.param}`"
+        else:
+            text = self.note or "no difference in the captured step"
+        devices = sorted(set(self.device))
+        if self.flagged_ops:
+            text += f"; ops PyTorch flags as nondeterministic on {'/'.join(devices)}: " + ", ".join(
+                self.flagged_ops
+            )
+        elif self.module is not None:
+            text += f"; no op flagged as nondeterministic by PyTorch on {'/'.join(devices)}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "module": self.module,
+            "module_class": self.module_class,
+            "phase": self.phase,
+            "call": self.call,
+            "param": self.param,
+            "flagged_ops": list(self.flagged_ops),
+            "device": list(self.device),
+            "modules": list(self.modules),
+            "note": self.note,
+            "input_differs": self.input_differs,
+            "description": self.describe(),
+        }
+
+
+_PHASES = {"forward": "forward output", "backward": "gradient"}
+
+
+def compare_captures(reference: dict[str, Any], other: dict[str, Any]) -> Localization:
+    """Name the first module, in execution order, whose output or gradient differs.
+
+    Forward events come first in the order their calls returned (so a module is named
+    before the containers around it), then backward events in the order backward reached
+    them. An event present in one capture only counts as differing.
+
+    Args:
+        reference, other: captures from :func:`read_capture` of the same step.
+
+    Returns:
+        A :class:`Localization`.
+
+    Raises:
+        ValueError: the captures are of different steps.
+
+    >>> ev = lambda s: {"phase": "forward", "module": "fc", "class": "Linear", "call": 1, "checksums": [s]}
+    >>> a = {"step": 3, "events": [ev("01")], "param_grads": [], "flagged_ops": []}
+    >>> b = {"step": 3, "events": [ev("02")], "param_grads": [], "flagged_ops": []}
+    >>> compare_captures(a, b).describe()
+    'first difference in `fc` (Linear) forward output; no op flagged as nondeterministic by PyTorch on cpu'
+    """
+    if reference.get("step") != other.get("step"):
+        raise ValueError(
+            f"captures must be of the same step, got steps {reference.get('step')} and {other.get('step')}"
+        )
+    step = int(reference["step"])
+
+    def keyed(capture: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+        out: dict[tuple[str, str, int], dict[str, Any]] = {}
+        for event in capture.get("events", []):
+            key = (str(event["phase"]), str(event["module"]), int(event["call"]))
+            if key in out:  # several output tensors' gradients: keep them together
+                out[key] = {**out[key], "checksums": out[key]["checksums"] + event["checksums"]}
+            else:
+                out[key] = dict(event)
+        return out
+
+    ref, oth = keyed(reference), keyed(other)
+    order = [k for k in ref if k[0] == "forward"] + [
+        k for k in oth if k[0] == "forward" and k not in ref
+    ]
+    order += [k for k in ref if k[0] == "backward"] + [
+        k for k in oth if k[0] == "backward" and k not in ref
+    ]
+    differing = [
+        k
+        for k in order
+        if k not in ref
+        or k not in oth
+        or sorted(ref[k]["checksums"]) != sorted(oth[k]["checksums"])
+    ]
+    flagged: list[str] = []
+    for capture in (reference, other):
+        flagged += [op for op in capture.get("flagged_ops", []) if op not in flagged]
+    device = (str(reference.get("device", "cpu")), str(other.get("device", "cpu")))
+    modules: list[str] = []
+    for _, name, _ in differing:
+        if name not in modules:
+            modules.append(name)
+    inputs = reference.get("inputs"), other.get("inputs")
+    input_differs = None not in inputs and inputs[0] != inputs[1]
+    if differing:
+        phase, name, call = differing[0]
+        event = ref.get(differing[0]) or oth[differing[0]]
+        return Localization(
+            step,
+            name,
+            str(event.get("class", "?")),
+            _PHASES[phase],
+            call,
+            flagged_ops=flagged,
+            device=device,
+            modules=modules,
+            input_differs=input_differs,
+        )
+    grads_a = {g["name"]: g["checksum"] for g in reference.get("param_grads", [])}
+    grads_b = {g["name"]: g["checksum"] for g in other.get("param_grads", [])}
+    param = next((n for n in grads_a if grads_a[n] != grads_b.get(n)), None)
+    if param is None:
+        param = next((n for n in grads_b if n not in grads_a), None)
+    note = ""
+    if param is None:
+        note = (
+            f"step {step}'s forward outputs and gradients were identical in both re-runs: the "
+            "difference arose outside forward and backward (the optimizer step or code between "
+            "backward and trace.step()), or did not recur when re-run from the checkpoint"
+        )
+    return Localization(
+        step, None, param=param, flagged_ops=flagged, device=device, modules=[], note=note
+    )
