@@ -24,6 +24,7 @@ from torchrepro.integrations.lightning import ReproCallback  # noqa: E402
 ARGS = ["--limit", "256"]  # 8 steps per epoch, 16 in all
 
 
+@pytest.mark.slow
 def test_check_varied_workers_and_mid_epoch_resume_is_reproducible(tmp_path):
     command = ["python", str(EXAMPLES / "train_lightning.py"), *ARGS]
     proc = check("--vary", "num_workers=0,2", "--resume-at", "11", command=command, cwd=tmp_path)
@@ -31,12 +32,14 @@ def test_check_varied_workers_and_mid_epoch_resume_is_reproducible(tmp_path):
     assert "REPRODUCIBLE: 4 runs x 16 steps bitwise identical" in proc.stdout
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_differs_without_the_callback_and_is_bitwise_with_it(tmp_path):
     result = run_json("lightning_resume.py", tmp_path)
     assert result["plain"], "without ReproCallback the resumed run was expected to differ"
     assert result["repro"] == [], f"with ReproCallback these tensors differ: {result['repro']}"
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_resume_is_reproducible(tmp_path):
     proc = check(
         "--runs",
