@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import torch
-from torch.utils.data import BatchSampler, DistributedSampler, IterableDataset, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DistributedSampler,
+    IterableDataset,
+    IterDataPipe,
+    SequentialSampler,
+)
 from torch.utils.data import dataloader as _torch_dataloader
 
 from .. import _dist, _runinfo
@@ -162,6 +168,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             persistent_workers=persistent_workers,
             pin_memory=pin_memory,
             in_order=in_order,
+            with_sampler=sampler is not None
+            or batch_sampler is not None
+            or isinstance(dataset, IterableDataset),
         )
         self.seed = resolve_seed(seed)
         forced = forced_workers()
@@ -182,6 +191,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._repro_user: UserOrder | None = None
         self._repro_own: Order | None = None
         self._repro_iterable = isinstance(dataset, IterableDataset)
+        self._repro_shuffle = shuffle
 
         sampler, batch_sampler, batch_size, shuffle, drop_last = _adopt(
             dataset=dataset,
@@ -298,6 +308,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             per_epoch = order.batches_per_epoch()
         self._repro_batches.length = self.__len__
         inner = self._inner_loader()
+        # torch's per-pass draws (worker base seed, a datapipe's shuffle seed) come from
+        # the private generator: a function of (seed, epoch).
+        inner.generator.manual_seed(derive_seed(self.seed, "loader", epoch))
+        if self._repro_iterable:  # torch warns when more items come than len() said
+            inner._IterableDataset_len_called = self._IterableDataset_len_called
         if isolate:  # building the iterator may already load (an iterable's iter(dataset))
             saved = save_globals()
             try:
@@ -336,14 +351,17 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 persistent_workers=self.persistent_workers,
             )
         if self._repro_iterable:
+            datapipe = isinstance(self.dataset, IterDataPipe)
+            if datapipe:
+                kwargs["shuffle"] = self._repro_shuffle
             inner = _TorchLoader(
-                self._repro_wrapper,
+                # torch shards and seeds a datapipe itself (from the private generator).
+                self.dataset if datapipe else self._repro_wrapper,
                 batch_size=self.batch_size,
                 drop_last=self.drop_last,
                 collate_fn=self.collate_fn,
                 **kwargs,
             )
-            inner._IterableDataset_len_called = self._IterableDataset_len_called
         else:
             inner = _TorchLoader(
                 self._repro_wrapper,
@@ -533,7 +551,25 @@ def _adopt(
         return None, None, batch_size, shuffle, drop_last
     if isinstance(sampler, KeySampler):
         return None, batch_sampler, batch_size, sampler.shuffle, drop_last
-    if type(sampler) is DistributedSampler and sampler.dataset is dataset:
+    wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    if (
+        isinstance(sampler, DistributedSampler)
+        and isinstance(wrapped, KeySampler)
+        and "Unrepeated" not in type(sampler).__name__
+    ):
+        # Lightning's DistributedSamplerWrapper around a torchrepro loader's sampler.
+        log.info(
+            "torchrepro: %s around a torchrepro loader's sampler replaced by torchrepro's "
+            "global-batch split (shuffle=%s, as the original loader)",
+            type(sampler).__name__,
+            wrapped.shuffle,
+        )
+        return None, batch_sampler, batch_size, wrapped.shuffle, drop_last or sampler.drop_last
+    if (
+        type(sampler) is DistributedSampler
+        and sampler.dataset is dataset
+        and (sampler.num_replicas, sampler.rank) == (_dist.world_size(), _dist.group_rank())
+    ):
         log.info(
             "torchrepro: DistributedSampler(num_replicas=%d, rank=%d, shuffle=%s) replaced by "
             "torchrepro's global-batch split (same samples per global batch at any world "

@@ -20,6 +20,7 @@ def _type_name(value: object) -> str:
 
 
 def check_int(name: str, value: object, *, low: int, allow_none: bool = False) -> None:
+    """The type only: torch refuses values out of range with its own messages."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
@@ -28,8 +29,6 @@ def check_int(name: str, value: object, *, low: int, allow_none: bool = False) -
             f"{name} must be an int >= {low}{none}, got {_type_name(value)} {value!r}; "
             f"pass e.g. {name}={max(low, 1)}"
         )
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
 
 
 def check_bool(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -69,15 +68,19 @@ def check_arguments(
     persistent_workers: object,
     pin_memory: object,
     in_order: object,
+    with_sampler: bool,
 ) -> None:
-    """Type checks at the public boundary (torch checks the combinations)."""
+    """Type checks at the public boundary. torch checks the ranges and the combinations
+    (``shuffle`` or ``drop_last`` given with a sampler, or with an IterableDataset, get
+    torch's own ValueError)."""
     check_dataset(dataset)
     check_int("batch_size", batch_size, low=1, allow_none=True)
-    check_bool("shuffle", shuffle, allow_none=True)
     check_int("num_workers", num_workers, low=0)
     check_int("prefetch_factor", prefetch_factor, low=0, allow_none=True)
+    if not with_sampler:
+        check_bool("shuffle", shuffle, allow_none=True)
+        check_bool("drop_last", drop_last)
     for name, value in (
-        ("drop_last", drop_last),
         ("persistent_workers", persistent_workers),
         ("pin_memory", pin_memory),
         ("in_order", in_order),

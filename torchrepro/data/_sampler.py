@@ -144,8 +144,14 @@ def _caller() -> str:
     return "unknown code"
 
 
+def _driving_epoch() -> int | None:
+    """The epoch of the torchrepro loader pulling from a sampler in this thread, if any."""
+    stack: list[int] = getattr(_driving, "epochs", [])
+    return stack[-1] if stack else None
+
+
 def _refuse_foreign(what: str) -> None:
-    if getattr(_driving, "depth", 0):
+    if _driving_epoch() is not None:
         return
     raise TorchreproError(
         f"{what} of a torchrepro.DataLoader was iterated by {_caller()}, which rebuilds the "
@@ -160,19 +166,26 @@ def _refuse_foreign(what: str) -> None:
 class _Driving:
     """Marks pulls from a user's sampler made by a torchrepro loader (this thread)."""
 
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __enter__(self) -> None:
-        _driving.depth = getattr(_driving, "depth", 0) + 1
+        if not hasattr(_driving, "epochs"):
+            _driving.epochs = []
+        _driving.epochs.append(self.epoch)
 
     def __exit__(self, *exc: object) -> None:
-        _driving.depth -= 1
+        _driving.epochs.pop()
 
 
 class KeySampler(Sampler[int]):
     """``loader.sampler`` for torchrepro's own order: this rank's indices of the current epoch.
 
     Only a torchrepro loader may iterate it (a framework rebuilding a plain DataLoader
-    from it gets a :class:`TorchreproError`). ``set_epoch`` forwards to the loader, so
-    frameworks that call ``loader.sampler.set_epoch(e)`` (Lightning) set the loader's epoch.
+    from it gets a :class:`TorchreproError`). Another torchrepro loader that wraps it in a
+    sampler of its own (Lightning's DistributedSamplerWrapper) reads the whole global order
+    of that loader's epoch, which the wrapper then splits. ``set_epoch`` forwards to the
+    loader, so frameworks that call ``loader.sampler.set_epoch(e)`` set the loader's epoch.
     """
 
     def __init__(self, loader: Any, shuffle: bool) -> None:
@@ -187,9 +200,16 @@ class KeySampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         _refuse_foreign("loader.sampler")
-        loader = self._owner()
-        order = loader._repro_order()
-        return cast(Iterator[int], order.indices(loader.epoch, 0))
+        order = self._owner()._repro_order()
+        epoch = cast(int, _driving_epoch())
+        whole = Order(
+            length=order.length,
+            batch_size=order.batch_size,
+            drop_last=order.drop_last,
+            shuffle=order.shuffle,
+            seed=order.seed,
+        )
+        return whole.indices(epoch, 0)
 
     def __len__(self) -> int:
         return int(self._owner()._repro_order().samples_per_rank())
@@ -291,7 +311,7 @@ class UserOrder:
         check_thread("the sampler")
         caller = save_globals()
         try:
-            with _Driving():
+            with _Driving(epoch):
                 self._seeder.seed_globals(epoch)
                 _clear_current()
                 word = derive_seed(self.seed, "sampler", epoch)
@@ -314,7 +334,7 @@ class UserOrder:
             caller = save_globals()
             try:
                 restore_globals(context)
-                with _Driving():
+                with _Driving(epoch):
                     items = self._pull(it)
                 context = save_globals()
             finally:

@@ -293,5 +293,7 @@ class WorkerInit:
             object.__setattr__(info, "dataset", wrapper.dataset)
         _Seeder(self.seed, "worker").seed_globals(worker_id)
         _clear_current()
+        if info is not None:  # the seed this worker really got, as torch documents it
+            object.__setattr__(info, "seed", torch.initial_seed())
         if self.user_fn is not None:
             self.user_fn(worker_id)
