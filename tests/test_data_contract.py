@@ -327,3 +327,39 @@ def test_sample_seed_is_the_same_under_getitems_and_getitem() -> None:
     a = [int(x) for b in DataLoader(Seeded(), batch_size=3, seed=0) for x in b]
     b = [int(x) for x in DataLoader(Seeded(), batch_size=None, seed=0)]
     assert a == b and len(set(a)) == 3
+
+
+@pytest.mark.parametrize("copy_with", ["pickle", "deepcopy"])
+def test_loader_survives_pickle_and_deepcopy(copy_with: str) -> None:
+    import copy
+    import pickle
+
+    for extra in ({"shuffle": True}, {"sampler": [3, 1, 2]}):
+        loader = DataLoader(Draws(), batch_size=2, seed=0, **extra)
+        if copy_with == "pickle":
+            twin = pickle.loads(pickle.dumps(loader))
+        else:
+            twin = copy.deepcopy(loader)
+        assert all(torch.equal(a, b) for a, b in zip(loader, twin, strict=True))
+        assert twin.sampler._loader() is twin
+
+
+def test_cuda_started_by_the_dataset_is_warned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchrepro import TorchreproWarning
+    from torchrepro.data import _isolate
+
+    started: list[bool] = []
+
+    class StartsCuda(Dataset[int]):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> int:
+            started.append(True)  # stands for the first CUDA call
+            return i
+
+    monkeypatch.setattr(_isolate, "_cuda_warned", False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(torch.cuda, "default_generators", ())
+    with pytest.warns(TorchreproWarning, match=r"CUDA was initialised while torchrepro"):
+        list(DataLoader(StartsCuda(), seed=0))

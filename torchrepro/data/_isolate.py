@@ -28,11 +28,12 @@ import ctypes
 import random
 import sys
 import threading
+import warnings
 from typing import Any
 
 import torch
 
-from .._errors import TorchreproError
+from .._errors import TorchreproError, TorchreproWarning
 
 _MT_BYTES = 624 * 4 + 4  # uint32 key[624]; int pos
 _torch_gen = torch.default_generator
@@ -141,6 +142,26 @@ def restore_globals(state: Saved) -> None:
     _torch_gen.set_state(torch_state)
     for gen, gen_state in zip(cuda, cuda_states, strict=True):
         gen.set_state(gen_state)
+
+
+_cuda_warned = False
+
+
+def warn_if_cuda_started() -> None:
+    """Warn once when CUDA was initialised while a batch was loaded in this process."""
+    global _cuda_warned
+    if _cuda_warned or not torch.cuda.is_initialized():
+        return
+    _cuda_warned = True
+    warnings.warn(
+        "CUDA was initialised while torchrepro.DataLoader loaded a batch with num_workers=0 "
+        "(a dataset using the GPU?): CUDA draws before that point were not seeded per sample "
+        "and the training loop's CUDA generator was not saved around that batch. Initialise "
+        "CUDA before iterating (e.g. move the model to the GPU first); from now on CUDA "
+        "draws in the dataset are seeded per sample and isolated.",
+        TorchreproWarning,
+        stacklevel=3,
+    )
 
 
 def check_thread(what: str) -> None:

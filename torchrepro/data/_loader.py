@@ -63,6 +63,9 @@ class _Batches:
     def __len__(self) -> int:
         return self.length()
 
+    def __reduce__(self) -> tuple[type[_Batches], tuple[()]]:
+        return (_Batches, ())  # set again before each pass
+
 
 class DataLoader(torch.utils.data.DataLoader[T_co]):
     """torch's DataLoader whose output is a pure function of (seed, epoch, sample position).

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import _runinfo
-from ._isolate import check_thread, restore_globals, save_globals
+from ._isolate import check_thread, restore_globals, save_globals, warn_if_cuda_started
 
 
 class Position:
@@ -116,6 +116,8 @@ class LoaderIter:
                     batch = next(self._inner)
                 finally:
                     restore_globals(saved)
+                if not saved[3]:
+                    warn_if_cuda_started()
             else:
                 batch = next(self._inner)
         except StopIteration:

@@ -28,7 +28,7 @@ import itertools
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import torch
@@ -178,7 +178,23 @@ class _Driving:
         _driving.epochs.pop()
 
 
-class KeySampler(Sampler[int]):
+class _OwnedByLoader:
+    """Holds its loader weakly (no cycle keeps persistent workers alive); pickles it strongly."""
+
+    _loader: Callable[[], Any]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_loader"] = self._loader()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        loader = state.pop("_loader")
+        self.__dict__.update(state)
+        self._loader = weakref.ref(loader) if loader is not None else lambda: None
+
+
+class KeySampler(_OwnedByLoader, Sampler[int]):
     """``loader.sampler`` for torchrepro's own order: this rank's indices of the current epoch.
 
     Only a torchrepro loader may iterate it (a framework rebuilding a plain DataLoader
@@ -218,7 +234,7 @@ class KeySampler(Sampler[int]):
         self._owner().set_epoch(epoch)
 
 
-class Guarded(Sampler[Any]):
+class Guarded(_OwnedByLoader, Sampler[Any]):
     """``loader.sampler``/``loader.batch_sampler`` for a user's sampler: iterable only by a
     torchrepro loader; other attributes are the user's sampler's (``.sampler`` itself is
     the user's object when the user's has none)."""
