@@ -343,3 +343,13 @@ def test_batch_sampler_rebuilt_around_ours_is_not_split_twice() -> None:
     wrapped = DataLoader(Noisy(), batch_sampler=BatchSampler(loader.sampler, 3, False), seed=5)
     indices = sorted(int(x) for b in wrapped for x in b[:, 0])
     assert indices == list(range(N))
+
+
+@pytest.mark.parametrize("attribute", ["sampler", "batch_sampler"])
+def test_torchrepro_rebuild_from_a_user_sampler_is_the_same_loader(attribute: str) -> None:
+    name = "buckets" if attribute == "batch_sampler" else "weighted"
+    loader = DataLoader(Noisy(), seed=3, **SAMPLERS[name]())
+    reference = _epochs(loader)
+    extra = {} if attribute == "batch_sampler" else {"batch_size": loader.batch_size}
+    rebuilt = DataLoader(loader.dataset, seed=3, **{attribute: getattr(loader, attribute)}, **extra)
+    assert _same(_epochs(rebuilt), reference)

@@ -548,6 +548,15 @@ def _adopt(
 ) -> tuple[Any, Any, int | None, bool | None, bool]:
     """Take over samplers that stand for torchrepro's own order: another torchrepro
     loader's (a rebuild from its attributes) and a DistributedSampler over the dataset."""
+    # Another torchrepro loader's guarded samplers: the user's objects they guard.
+    if type(batch_sampler) is BatchSampler and isinstance(batch_sampler.sampler, Guarded):
+        sampler = batch_sampler.sampler.source
+        batch_size, drop_last = batch_sampler.batch_size, batch_sampler.drop_last
+        batch_sampler = None
+    if isinstance(sampler, Guarded):
+        sampler = sampler.source
+    if isinstance(batch_sampler, Guarded):
+        batch_sampler = batch_sampler.source
     if type(batch_sampler) is BatchSampler and isinstance(batch_sampler.sampler, KeySampler):
         shuffle = batch_sampler.sampler.shuffle
         batch_size, drop_last = batch_sampler.batch_size, batch_sampler.drop_last
