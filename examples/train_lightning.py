@@ -5,7 +5,8 @@ Plain Lightning plus torchrepro's callback and loader (lines marked ``# torchrep
     torchrepro check --vary num_workers=0,2 --resume-at 21 -- python examples/train_lightning.py
 
 Under torchrun (gloo on CPU) each rank loads ``batch_size / world_size`` samples of every
-global batch; ``use_distributed_sampler=False`` because the loader splits the batches itself:
+global batch (the loader puts its own global-batch split in place of Lightning's
+DistributedSampler):
 
     torchrun --nproc-per-node 2 examples/train_lightning.py
 """
@@ -89,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
         devices=world,
         strategy="ddp" if world > 1 else "auto",
         callbacks=[repro],  # torchrepro
-        use_distributed_sampler=False,  # torchrepro: the loader splits each global batch itself
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -4,7 +4,7 @@ Add it and train from a :class:`torchrepro.DataLoader`::
 
     repro = ReproCallback()                      # first: seeds, so the model is built the same way
     model, data = MyModule(), MyDataModule()     # its train_dataloader() returns a torchrepro.DataLoader
-    trainer = L.Trainer(callbacks=[repro], use_distributed_sampler=False)
+    trainer = L.Trainer(callbacks=[repro])
     trainer.fit(model, data, ckpt_path=repro.resume_path())
 
 What it does, hook by hook:
@@ -16,7 +16,7 @@ What it does, hook by hook:
   ``Trainer(deterministic=None)`` leaves them alone, ``False`` would turn them off) and reseeds
   each rank's training streams from ``(seed, rank)``.
 - ``on_train_start``: verifies that the training loader is a :class:`torchrepro.DataLoader`
-  built for this world size, and that a stop recorded at ``TORCHREPRO_CHECKPOINT`` is resumed.
+  and that a stop recorded at ``TORCHREPRO_CHECKPOINT`` is resumed.
 - ``state_dict``: every rank's RNG state (gathered, under DDP) and the trace's step count go
   into Lightning's checkpoint, whichever callback or call writes it (``ModelCheckpoint``,
   ``trainer.save_checkpoint``); Lightning itself saves the loader's position.
@@ -32,11 +32,10 @@ What it does, hook by hook:
   at ``TORCHREPRO_STOP_AT=K`` it saves with ``trainer.save_checkpoint`` next to
   ``TORCHREPRO_CHECKPOINT``, records the stop there, and ends the process with status 0.
 
-Under DDP (torchrun, gloo or NCCL): pass ``use_distributed_sampler=False``: a
-``torchrepro.DataLoader`` built in ``train_dataloader()`` (after the process group exists)
-already gives each rank its part of every global batch. Where the loader cannot take
-Lightning's ``DistributedSampler``, Lightning raises when it rebuilds the loader; where it
-can, the callback checks the result is still a ``torchrepro.DataLoader`` for this world size.
+Under DDP (torchrun, gloo or NCCL) ``use_distributed_sampler`` may stay at Lightning's
+default ``True``: when Lightning rebuilds the loader with its ``DistributedSampler``, the
+``torchrepro.DataLoader`` puts its own global-batch split in its place, and it reads the rank
+when iteration starts, so it may be built before ``fit()``. ``False`` gives the same batches.
 """
 
 from __future__ import annotations
@@ -188,14 +187,6 @@ class ReproCallback(Callback):
                 "train_dataloader(), so batches do not depend on num_workers and a mid-epoch "
                 "resume continues at the exact sample"
             )
-        for loader in loaders:
-            built_for = loader.state_dict().get("world_size", trainer.world_size)
-            if built_for != trainer.world_size:
-                raise TorchreproError(
-                    f"the torchrepro.DataLoader was built for world size {built_for}, but the "
-                    f"Trainer runs {trainer.world_size} processes: build it in train_dataloader() "
-                    "(after Lightning has started the process group), not before fit()"
-                )
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._before_validation = get_rng_state()

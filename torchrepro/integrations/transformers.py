@@ -70,18 +70,6 @@ _FRAMEWORK = "transformers"
 STATE_FILE = "torchrepro.pt"
 
 
-class _TrainLoader(DataLoader):
-    """The training loader; ``set_epoch`` with the epoch it is in keeps its position.
-
-    The Trainer calls ``set_epoch(epoch)`` right before iterating, also right after a
-    mid-epoch resume; that must not rewind to the epoch's first batch.
-    """
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            super().set_epoch(epoch)
-
-
 class ReproTrainerCallback(TrainerCallback):  # type: ignore[misc]
     """The checkpoint, trace and stop side of :class:`ReproTrainerMixin` (added by it).
 
@@ -199,7 +187,7 @@ class ReproTrainerMixin:
             context = getattr(args, "dataloader_multiprocessing_context", None)
             if context is not None:
                 kwargs["multiprocessing_context"] = context
-        self._repro_loader = _TrainLoader(dataset, **kwargs)
+        self._repro_loader = DataLoader(dataset, **kwargs)
         return self._repro_loader
 
     def _repro_columns(self, dataset: Any, collator: Any) -> tuple[Any, Any]:
