@@ -144,7 +144,7 @@ class ReproTrainerMixin:
         self.repro_trace: Trace | None = (
             trace if isinstance(trace, Trace) else (Trace() if trace else None)
         )
-        self._repro_loader: DataLoader | None = None
+        self._repro_loader: DataLoader[Any] | None = None
         self._repro_resume: str | None = None
         self._repro_pending_rng: dict[str, Any] | None = None
         self._repro_losses: list[torch.Tensor] = []
@@ -152,7 +152,7 @@ class ReproTrainerMixin:
 
     # -- data ------------------------------------------------------------------------------
 
-    def get_train_dataloader(self) -> DataLoader:
+    def get_train_dataloader(self) -> DataLoader[Any]:
         """A :class:`torchrepro.DataLoader` over ``train_dataset``, not passed to accelerate."""
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
