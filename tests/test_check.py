@@ -53,7 +53,9 @@ def test_one_ulp_nudge_at_step_7_is_named(tmp_path):
     comparison = report["comparisons"][0]
     assert comparison["first_step"] == 7
     assert comparison["entries"][0]["name"] == "3.weight"
-    assert report["verdict"] == 'DIVERGED at step 7 (run "run 2" vs "run 1")'
+    assert (
+        report["verdict"] == 'DIVERGED at step 7 (run "run 2" vs "run 1") with identical settings'
+    )
     text = _check(
         [], tmp_path, env={"TINY_NUDGE_MARKER": str(tmp_path / "marker2"), "TINY_NUDGE_STEP": "7"}
     )
@@ -62,21 +64,15 @@ def test_one_ulp_nudge_at_step_7_is_named(tmp_path):
     assert "3.weight" in text.stdout
 
 
-def test_different_seeds_diverge(tmp_path):
-    proc = _check(["--runs", "1", "--vary", "seed=1,2"], tmp_path)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert 'DIVERGED at step 1 (run "seed=2" vs "run 1")' in proc.stdout
-
-
 def test_crashing_command_exits_2_with_its_stderr(tmp_path):
-    proc = _check(["--runs", "1"], tmp_path, env={"TINY_CRASH": "1"})
+    proc = _check(["--runs", "1", "--vary", "seed=0,1"], tmp_path, env={"TINY_CRASH": "1"})
     assert proc.returncode == 2
     assert "exited with status 1" in proc.stdout
     assert "tiny_train crashed on purpose" in proc.stdout
 
 
 def test_command_without_trace_is_an_error(tmp_path):
-    proc = _check(["--runs", "1"], tmp_path, env={"TINY_NO_TRACE": "1"})
+    proc = _check(["--runs", "1", "--vary", "seed=0,1"], tmp_path, env={"TINY_NO_TRACE": "1"})
     assert proc.returncode == 2
     assert "recorded no trace: add `trace = torchrepro.Trace()`" in proc.stdout
 
@@ -90,7 +86,7 @@ def test_resume_without_checkpointer_is_an_error(tmp_path):
 def test_resume_step_beyond_the_run_is_an_error(tmp_path):
     proc = _check(["--runs", "1", "--resume-at", "999"], tmp_path)
     assert proc.returncode == 2, proc.stdout
-    assert "ended before step 999" in proc.stdout
+    assert 'run "run 1" ran 16 steps' in proc.stdout
 
 
 @pytest.mark.parametrize(

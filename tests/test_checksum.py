@@ -36,7 +36,8 @@ def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torc
 
 
 def _reference(t: torch.Tensor) -> int:
-    """The documented definition, in pure Python."""
+    """The documented definition, in pure Python (a restatement: the properties are tested
+    independently in test_checksum_strength.py)."""
     raw = bytes(t.detach().reshape(-1).contiguous().view(torch.uint8).tolist())
     raw += b"\0" * (-len(raw) % 8)
     total = 0
@@ -44,7 +45,8 @@ def _reference(t: torch.Tensor) -> int:
         word = int.from_bytes(raw[8 * k : 8 * k + 8], "little")
         row, col = divmod(k, _checksum._C)
         b = 1 if row == 0 else _checksum._py_weight(row, _checksum._SALT_B)
-        total += word * _checksum._py_weight(col, _checksum._SALT_A) * b
+        key = _checksum._py_weight(col, _checksum._SALT_A)
+        total += _checksum._py_mix(word ^ key) * b
     return _checksum._fmix64(total + _checksum._tag(t.dtype, tuple(t.shape)))
 
 

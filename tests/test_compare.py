@@ -66,13 +66,14 @@ def test_one_ulp_nudge_is_found_at_its_step_and_named(tmp_path: Path) -> None:
     assert result.verdict == 'DIVERGED at step 7 (run "nudged" vs "run 1")'
     text = result.format()
     assert text.splitlines()[0] == result.verdict
-    assert "param 2.weight: norm" in text
+    assert "param 2.weight: checksum" in text  # norms are recorded every 10 steps
+    assert "step 7 recorded no norms" in text
     assert "5 later compared steps also differ" in text
     json.dumps(result.to_dict(), allow_nan=False)
 
 
 def test_nudge_after_the_loss_names_the_parameter_first(tmp_path: Path) -> None:
-    header = {"format": "torchrepro-trace", "version": 1}
+    header = {"format": "torchrepro-trace", "version": 2}
     loss = {
         "name": "loss",
         "kind": "loss",
@@ -129,7 +130,7 @@ def test_every_mismatch_is_noted(tmp_path: Path) -> None:
 
 
 def test_missing_entries_and_none_grads() -> None:
-    header = {"format": "torchrepro-trace", "version": 1}
+    header = {"format": "torchrepro-trace", "version": 2}
     a = TraceData(
         "a",
         header,
@@ -173,14 +174,14 @@ def test_torn_line_is_noted_not_fatal(tmp_path: Path) -> None:
         ("hello\n", r"is not a torchrepro trace"),
         (
             '{"format": "torchrepro-trace", "version": 9}\n',
-            r"of version 9; this torchrepro reads version 1",
+            r"of format version 9; this torchrepro reads version 2",
         ),
         (
-            '{"format": "torchrepro-trace", "version": 1}\nxx\n{"step": 2, "entries": []}\n',
+            '{"format": "torchrepro-trace", "version": 2}\nxx\n{"step": 2, "entries": []}\n',
             r"line 2: corrupted trace line",
         ),
         (
-            '{"format": "torchrepro-trace", "version": 1}\n{"step": "1"}\n',
+            '{"format": "torchrepro-trace", "version": 2}\n{"step": "1"}\n',
             r"line 2: not a trace record",
         ),
     ],
@@ -199,7 +200,7 @@ def test_missing_file_and_bad_arguments(tmp_path: Path) -> None:
         read_trace(tmp_path / "nope")
     with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got int"):
         read_trace(3)  # type: ignore[arg-type]
-    header = {"format": "torchrepro-trace", "version": 1}
+    header = {"format": "torchrepro-trace", "version": 2}
     empty = TraceData("a", header, [])
     with pytest.raises(TypeError, match=r"names must be a tuple of two str"):
         compare_traces(empty, empty, names=["a", "b"])  # type: ignore[arg-type]
@@ -232,7 +233,7 @@ def test_comparison_format_truncates_entries() -> None:
 def test_garbled_last_line_with_newline_counts_as_torn(tmp_path: Path) -> None:
     path = tmp_path / "t"
     path.write_text(
-        '{"format": "torchrepro-trace", "version": 1}\n{"step": 1, "entries": []}\n\0\0\0\n'
+        '{"format": "torchrepro-trace", "version": 2}\n{"step": 1, "entries": []}\n\0\0\0\n'
     )
     data = read_trace(path)
     assert (data.steps, data.torn) == ([1], True)

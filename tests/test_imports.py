@@ -65,7 +65,7 @@ CORE = {
     "_runinfo",
     "_version",
 }
-VERIFICATION = {"_checksum", "_trace", "_compare", "_audit", "_check"}
+VERIFICATION = {"_checksum", "_tracefile", "_trace", "_compare", "_audit", "_check"}
 # The optional framework integrations (integrations/) sit on top: nothing else imports them.
 TOP = {"_cli", "integrations"}
 # What each layer must not import (the layers above it).

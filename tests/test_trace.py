@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from torchrepro._checksum import tensor_checksum
-from torchrepro._compare import TraceError, read_trace
+from torchrepro._compare import TraceError, compare_traces, read_trace
 from torchrepro._rng import isolated_rng
 from torchrepro._trace import Trace
 
@@ -45,7 +45,7 @@ def test_records_loss_params_buffers_grads_and_tensors_in_order(tmp_path: Path) 
     trace.step(loss=loss, model=model, logits=extra, lr=0.5)
     header, record = _lines(path)
     assert header["format"] == "torchrepro-trace"
-    assert header["version"] == 1
+    assert header["version"] == 2
     assert (header["rank"], header["world_size"], header["every"], header["grads"]) == (
         0,
         1,
@@ -205,15 +205,21 @@ def test_resume_continues_numbering_and_drops_steps_after_the_checkpoint(tmp_pat
     model.load_state_dict(weights)
     _run(resumed, range(5, 11), second, model)
     assert second.steps == 10
-    assert resumed.read_text() == uninterrupted.read_text()
+    data = read_trace(resumed)
+    assert len(data.headers) == 2 and data.segment_starts == [0, 4]  # one header per process
+    assert compare_traces(uninterrupted, resumed).identical
+    lines = resumed.read_text().splitlines()
+    assert lines[:5] == uninterrupted.read_text().splitlines()[:5]
 
 
-def test_resume_into_missing_file_writes_header(tmp_path: Path) -> None:
+def test_resume_into_missing_file_is_a_gap(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     trace = Trace(path)
-    trace.load_state_dict({"version": 1, "step": 4})
+    with pytest.raises(TraceError, match=r"does not exist, so steps 1-4 would be missing"):
+        trace.load_state_dict({"version": 1, "step": 4})
+    trace.load_state_dict({"version": 1, "step": 0})  # nothing traced yet: no gap
     trace.step(loss=1.0)
-    assert read_trace(path).steps == [5]
+    assert read_trace(path).steps == [1]
 
 
 def test_resume_refuses_foreign_file(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from . import _dist, _envvars
+from . import _dist, _envvars, _runinfo
 from ._determinism import current_settings
 from ._envdiff import diff_fingerprints
 from ._errors import CheckpointError, RNGStateError, TorchreproWarning
@@ -364,7 +364,8 @@ def load_checkpoint(
         TorchreproWarning: the saving machine's fingerprint differs in ways that change
             numerics (the reasons ``torchrepro env --diff`` gives).
     """
-    extra, _meta = _load(Path(path), objects, strict)
+    extra, meta = _load(Path(path), objects, strict)
+    _runinfo.note("resumed_from", meta.get("steps"))  # for the trace header (None: unknown)
     return extra
 
 
@@ -440,6 +441,7 @@ class Checkpointer:
             return None
         extra, meta = _load(self.path, self.objects, strict=strict)
         self.steps = int(meta.get("steps", 0))
+        _runinfo.note("resumed_from", self.steps)  # for the trace header
         return extra
 
     def save(self, extra: dict[str, Any] | None = None) -> None:

@@ -1,26 +1,34 @@
 """Exact, device-side checksums of tensors, and norms for reporting.
 
 The checksum of a tensor ``t`` is defined on its bytes in logical (row-major) order,
-read as little-endian 64-bit words ``x[k]`` (the last word zero-padded):
+read as little-endian 64-bit words ``x[k]`` (the last word zero-padded). Each word is
+mixed with its position by a non-linear bijection, and the results are summed:
 
-    S = sum_k x[k] * W[k]  (mod 2**64),   W[k] = A[k mod C] * B[k div C]  (mod 2**64)
+    S = sum_k B[k div C] * h(x[k] XOR A[k mod C])  (mod 2**64)
+    h(y) = xs32(xs29(xs33(y) * M1) * M2),   xs_s(y) = y XOR (y >> s) (logical shift)
 
-where ``A`` and ``B`` are odd 64-bit constants from splitmix64 (``B[0] = 1``) and
-``C = 2**14``. The result is ``fmix64(S + tag(dtype, shape))``, a bijection of ``S`` for a
-given dtype and shape. Hence:
+``h`` is murmur3's 64-bit finaliser (``M1``, ``M2`` its odd constants); ``A`` and ``B``
+are odd 64-bit constants from splitmix64 (``B[0] = 1``) and ``C = 2**14``. The result is
+``fmix64(S + tag)``, where the tag hashes the dtype, the shape and, for quantized tensors,
+the quantization parameters. Hence:
 
-- any change confined to one 64-bit word (a flipped bit, a changed element of up to
-  8 bytes) always changes the checksum, because ``W[k]`` is odd;
-- moving values to other positions changes it (with probability ``1 - 2**-64``);
+- a change confined to one 64-bit word (a flipped bit, a changed element of up to
+  8 bytes) always changes the checksum: ``h`` and XOR with ``A`` are bijections and
+  ``B`` is odd;
+- several changes cancel only by chance (about ``2**-64``): ``h`` mixes every bit of a
+  word into every bit of its value, so no fixed pattern of changes adds up to zero (the
+  linear sum of version 1 missed any even number of float64 sign flips, because a flip
+  of bit 63 added ``2**63`` whatever the weight);
+- moving values to other positions changes it (the position keys ``A`` and ``B``);
 - a reshape or a dtype view of the same bytes changes it (the tag);
 - integer sums are exact and associative modulo 2**64, so the value does not depend
   on the number of threads, the reduction order, or the device.
 
 Everything up to one ``int64`` per tensor is computed on the tensor's own device; many
 tensors share one host transfer (:func:`tensor_checksums`). Large tensors are processed
-in row blocks, so the temporaries stay small (in cache on CPU), and the weights are
-cached per device: ``A`` (128 KiB), ``B`` and, for batches of small tensors, the
-concatenated weights of the batch's layout.
+in row blocks, so the temporaries stay small (in cache on CPU), and the keys are cached
+per device: ``A`` (128 KiB), ``B`` and, for batches of small tensors, the concatenated
+keys of the batch's layout.
 """
 
 from __future__ import annotations
@@ -40,10 +48,13 @@ _MAX_LAYOUTS = 64
 _CPU_BLOCK_WORDS = 1 << 19  # 4 MiB of int64 temporaries per block: stays in cache
 _DEVICE_BLOCK_WORDS = 1 << 25
 
-# splitmix64 constants, as signed int64 for torch arithmetic
+# splitmix64 constants (the keys and the final bijection)
 _GAMMA = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
+# murmur3 fmix64 constants (the per-word mix ``h``)
+_H1 = 0xFF51AFD7ED558CCD
+_H2 = 0xC4CEB9FE1A85EC53
 
 
 def _signed(value: int) -> int:
@@ -64,9 +75,38 @@ def _py_weight(index: int, salt: int) -> int:
     return _fmix64((index + salt + 1) * _GAMMA) | 1
 
 
+def _py_mix(word: int) -> int:
+    """Reference (pure Python) value of ``h``, the per-word mix."""
+    y = word & _MASK
+    y ^= y >> 33
+    y = (y * _H1) & _MASK
+    y ^= y >> 29
+    y = (y * _H2) & _MASK
+    return y ^ (y >> 32)
+
+
 def _lshr(x: torch.Tensor, shift: int) -> torch.Tensor:
     # torch's >> on int64 is arithmetic; masking the sign-extended bits makes it logical
     return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _xorshift_(y: torch.Tensor, shift: int, scratch: torch.Tensor) -> None:
+    """``y ^= y >> shift`` (logical shift), in place, using ``scratch`` (same shape)."""
+    torch.bitwise_right_shift(y, shift, out=scratch)
+    scratch.bitwise_and_((1 << (64 - shift)) - 1)
+    y.bitwise_xor_(scratch)
+
+
+def _mixed(words: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``h(words XOR keys)`` elementwise (``keys`` broadcasts), in a new int64 tensor."""
+    y = torch.bitwise_xor(words, keys)
+    scratch = torch.empty_like(y)  # one temporary for the three shifts
+    _xorshift_(y, 33, scratch)
+    y.mul_(_signed(_H1))
+    _xorshift_(y, 29, scratch)
+    y.mul_(_signed(_H2))
+    _xorshift_(y, 32, scratch)
+    return y
 
 
 def _mix_tensor(index: torch.Tensor, salt: int) -> torch.Tensor:
@@ -105,15 +145,13 @@ def _table(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @functools.lru_cache(maxsize=4096)
-def _tag(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    text = f"torchrepro.checksum.v1|{dtype}|{shape}".encode()
+def _tag(dtype: torch.dtype, shape: tuple[int, ...], extra: str = "") -> int:
+    text = f"torchrepro.checksum.v2|{dtype}|{shape}|{extra}".encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """The bytes of ``t`` in logical order, as a contiguous 1-D uint8 tensor."""
-    if t.layout != torch.strided:
-        raise TypeError(f"tensor_checksum needs a dense (strided) tensor, got layout {t.layout}")
     # callers run under no_grad, so views of parameters need no detach()
     flat = t.view(-1) if t.is_contiguous() else t.reshape(-1).contiguous()
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
@@ -144,10 +182,10 @@ def _large_sum(words: torch.Tensor) -> torch.Tensor:
     rows = words[: full * _C].view(full, _C)
     block = _CPU_BLOCK_WORDS if words.device.type == "cpu" else _DEVICE_BLOCK_WORDS
     step = max(block // _C, 1)
-    row_sums = torch.cat([(rows[i : i + step] * a).sum(1) for i in range(0, full, step)])
+    row_sums = torch.cat([_mixed(rows[i : i + step], a).sum(1) for i in range(0, full, step)])
     total = (row_sums * b[:full]).sum()
     if rest:
-        total = total + (words[full * _C :] * a[:rest]).sum() * b[full]
+        total = total + _mixed(words[full * _C :], a[:rest]).sum() * b[full]
     return total
 
 
@@ -181,7 +219,7 @@ def _small_sums(raw: list[torch.Tensor], counts: tuple[int, ...]) -> torch.Tenso
     """
     device = raw[0].device
     weights, start, end = _layout(device, counts)
-    products = torch.cat(raw).view(torch.int64) * weights
+    products = _mixed(torch.cat(raw).view(torch.int64), weights)
     cumulative = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), products.cumsum(0)])
     # differences of a wrap-around prefix sum are exact modulo 2**64
     return cumulative[end] - cumulative[start]
@@ -234,7 +272,8 @@ def tensor_checksums(tensors: Sequence[torch.Tensor]) -> list[int]:
         One int in ``[0, 2**64)`` per tensor, in order.
 
     Raises:
-        TypeError: an item is not a dense ``torch.Tensor``.
+        TypeError: an item is not a ``torch.Tensor``, or has no dense values to read
+            (sparse, nested, on the meta device, or of an unknown quantization scheme).
 
     >>> import torch
     >>> a, b = torch.arange(6.0), torch.ones(2, 3)
@@ -242,18 +281,74 @@ def tensor_checksums(tensors: Sequence[torch.Tensor]) -> list[int]:
     True
     """
     by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"tensor_checksums expects torch.Tensor items, got {type(t).__name__} at index {i}"
-            )
-        by_device.setdefault(t.device, []).append(i)
-    sums: list[int] = [0] * len(tensors)
+    data: list[torch.Tensor] = []
+    extras: list[str] = []
     with torch.no_grad():
+        for i, t in enumerate(tensors):
+            values, extra = _plain(t, i)
+            data.append(values)
+            extras.append(extra)
+            by_device.setdefault(t.device, []).append(i)
+        sums: list[int] = [0] * len(tensors)
         for indices in by_device.values():
-            for i, s in zip(indices, _device_sums([tensors[i] for i in indices]), strict=True):
+            for i, s in zip(indices, _device_sums([data[i] for i in indices]), strict=True):
                 sums[i] = s
-    return [_fmix64(s + _tag(t.dtype, tuple(t.shape))) for s, t in zip(sums, tensors, strict=True)]
+    return [
+        _fmix64(s + _tag(t.dtype, tuple(t.shape), extra))
+        for s, t, extra in zip(sums, tensors, extras, strict=True)
+    ]
+
+
+def _plain(t: object, index: int) -> tuple[torch.Tensor, str]:
+    """The dense tensor whose bytes stand for ``t``'s values, and what the tag adds.
+
+    Lazy conjugate and negative views are resolved (their logical values count, not the
+    stored ones). A quantized tensor counts as its integer representation, and its
+    scheme, scale(s), zero point(s) and axis go into the tag.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"tensor_checksums expects torch.Tensor items, got {type(t).__name__} at index {index}"
+        )
+    if t.is_nested:
+        raise TypeError(
+            f"cannot checksum a nested tensor (index {index}); checksum its components: "
+            "tensor_checksums(list(t.unbind()))"
+        )
+    if t.device.type == "meta":
+        raise TypeError(
+            f"cannot checksum a tensor on the meta device (index {index}): it has no values; "
+            "materialise it first (e.g. model.to_empty(device=...) and initialise it)"
+        )
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"tensor_checksum needs a dense (strided) tensor, got layout {t.layout} at index "
+            f"{index}; convert it with .to_dense()"
+        )
+    if t.is_quantized:
+        scheme = t.qscheme()
+        if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            extra = f"{scheme}|{t.q_scale()!r}|{t.q_zero_point()}"
+        elif scheme in (
+            torch.per_channel_affine,
+            torch.per_channel_symmetric,
+            torch.per_channel_affine_float_qparams,
+        ):
+            scales, zeros = tensor_checksums(
+                [t.q_per_channel_scales(), t.q_per_channel_zero_points()]
+            )
+            extra = f"{scheme}|{scales:016x}|{zeros:016x}|{t.q_per_channel_axis()}"
+        else:
+            raise TypeError(
+                f"cannot checksum a quantized tensor with scheme {scheme} (index {index}); "
+                "checksum t.int_repr() and its quantization parameters instead"
+            )
+        return t.int_repr(), extra
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t, ""
 
 
 def tensor_checksum(t: torch.Tensor) -> int:

@@ -135,12 +135,17 @@ def _print_report(report: CheckReport, kept: bool) -> None:
             print(f"--- last lines of its stderr{where}:")
             print(failed.stderr_tail)
         return
+    for line in report.explanation():
+        print(line)
     verdict = report.verdict()
-    for comparison in report.comparisons:
-        if not comparison.identical:
-            lines = comparison.format().splitlines()
-            print("\n".join(lines[1:] if lines[0] == verdict else lines))
-            verdict = ""  # later divergences keep their own verdict line
+    same = report.same_settings_differ
+    shown = [same] if same is not None else report.unexpected
+    for comparison in shown:
+        lines = comparison.format().splitlines()
+        print("\n".join(lines[1:] if lines[0] in verdict else lines))
+        verdict = ""  # later divergences keep their own verdict line
+    for note in report.notes:
+        print(f"note: {note}")
     names = ", ".join(f'"{r.spec.name}"' for r in report.runs)
     print(f"runs: {names}")
 

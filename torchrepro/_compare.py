@@ -1,20 +1,19 @@
-"""Reading traces written by :class:`torchrepro.Trace`, and comparing two of them.
+"""Comparing two traces written by :class:`torchrepro.Trace`, step by step and bitwise.
 
-Pure functions: nothing here prints. A trace is a JSON-lines file: a header line, then
-one line per traced step, ``{"step": n, "entries": [...]}``, each entry recording one
-tensor (``name``, ``kind``, ``checksum``, ``norm``, ``dtype``, ``shape``; the loss also
-``value`` and ``bits``). A torn last line (a crash mid-write) is ignored.
+Pure functions: nothing here prints. The file format (headers, records, versions) is
+owned by :mod:`torchrepro._tracefile`; :func:`read_trace` and :class:`TraceData` are
+re-exported here, where they have always been importable from.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import TraceError
+from ._tracefile import TraceData, json_float, read_trace
 
 __all__ = [
     "Comparison",
@@ -24,16 +23,6 @@ __all__ = [
     "compare_traces",
     "read_trace",
 ]
-
-TRACE_FORMAT = "torchrepro-trace"
-TRACE_VERSION = 1
-
-
-def json_float(value: float | None) -> float | str | None:
-    """``value`` as strict JSON allows: non-finite floats become ``"nan"``, ``"inf"``, ``"-inf"``."""
-    if value is None or math.isfinite(value):
-        return value
-    return str(value)
 
 
 def _as_float(value: object) -> float | None:
@@ -49,139 +38,6 @@ def _as_float(value: object) -> float | None:
     return None
 
 
-def _check_header(header: object, path: str) -> dict[str, Any]:
-    if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
-        raise TraceError(
-            f"{path} is not a torchrepro trace (its first line is not a torchrepro-trace header); "
-            "traces are written by torchrepro.Trace"
-        )
-    version = header.get("version")
-    if version != TRACE_VERSION:
-        raise TraceError(
-            f"{path} is a torchrepro trace of version {version!r}; this torchrepro reads version {TRACE_VERSION}"
-        )
-    return header
-
-
-def _check_record(record: object, path: str, line: int) -> dict[str, Any]:
-    ok = (
-        isinstance(record, dict)
-        and isinstance(record.get("step"), int)
-        and not isinstance(record.get("step"), bool)
-        and isinstance(record.get("entries"), list)
-        and all(
-            isinstance(e, dict)
-            and isinstance(e.get("name"), str)
-            and isinstance(e.get("kind"), str)
-            for e in record["entries"]
-        )
-    )
-    if not ok:
-        raise TraceError(
-            f"{path}, line {line}: not a trace record ({{'step': int, 'entries': [...]}})"
-        )
-    assert isinstance(record, dict)
-    return record
-
-
-def read_lines(path: str) -> tuple[dict[str, Any], list[tuple[dict[str, Any], str]], bool]:
-    """Parse a trace file: ``(header, [(record, raw line)], torn)``.
-
-    A last line that does not parse (or lacks its newline) is a torn write and is dropped;
-    a bad line elsewhere is corruption.
-
-    Raises:
-        TraceError: the file is empty, not a trace, or corrupted.
-        OSError: the file cannot be read.
-    """
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    # A complete file ends with "\n", so the last piece is "" (or a torn line).
-    complete, last = lines[:-1], lines[-1]
-    torn = last != ""
-    if not complete:
-        if torn:
-            raise TraceError(
-                f"{path} holds only a torn header line; the run stopped before its first traced step"
-            )
-        raise TraceError(f"{path} is empty; the run recorded no traced step")
-    try:
-        header = json.loads(complete[0])
-    except json.JSONDecodeError:
-        header = None
-    header = _check_header(header, path)
-    records: list[tuple[dict[str, Any], str]] = []
-    for number, raw in enumerate(complete[1:], start=2):
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            if number == len(complete) and not torn:
-                torn = True  # a torn line whose newline made it to disk
-                break
-            raise TraceError(f"{path}, line {number}: corrupted trace line ({exc.msg})") from exc
-        records.append((_check_record(record, path, number), raw))
-    return header, records, torn
-
-
-@dataclass(frozen=True)
-class TraceData:
-    """A parsed trace: its header and its step records, in file order.
-
-    Attributes:
-        path: the file read.
-        header: format version, torchrepro and torch versions, rank, world size, every, grads.
-        records: ``{"step": int, "entries": [dict, ...]}`` per traced step.
-        torn: whether a torn last line was ignored.
-    """
-
-    path: str
-    header: dict[str, Any]
-    records: list[dict[str, Any]]
-    torn: bool = False
-
-    @property
-    def steps(self) -> list[int]:
-        """The traced step numbers, in file order."""
-        return [r["step"] for r in self.records]
-
-
-def read_trace(path: str | os.PathLike[str]) -> TraceData:
-    """Read a trace written by :class:`torchrepro.Trace`, ignoring a torn last line.
-
-    Args:
-        path: the trace file.
-
-    Returns:
-        The :class:`TraceData`.
-
-    Raises:
-        TraceError: the file is missing, empty, not a torchrepro trace, or corrupted
-            other than in its last line.
-        TypeError: ``path`` is not a str or path.
-
-    >>> import json, os, tempfile
-    >>> d = tempfile.mkdtemp(); p = os.path.join(d, "t.jsonl")
-    >>> with open(p, "w") as f:
-    ...     _ = f.write(json.dumps({"format": "torchrepro-trace", "version": 1}) + "\\n")
-    ...     _ = f.write(json.dumps({"step": 1, "entries": []}) + "\\n")
-    ...     _ = f.write('{"step": 2, "entr')  # torn by a crash
-    >>> read_trace(p).steps
-    [1]
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    name = os.fspath(path)
-    try:
-        header, records, torn = read_lines(name)
-    except FileNotFoundError as exc:
-        raise TraceError(
-            f"trace file {name} does not exist; did the run create a torchrepro.Trace?"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise TraceError(f"{name} is not a torchrepro trace (not UTF-8 text)") from exc
-    return TraceData(name, header, [r for r, _ in records], torn)
-
-
 @dataclass(frozen=True)
 class EntryDiff:
     """One recorded tensor that differs between two traces at one step.
@@ -189,7 +45,9 @@ class EntryDiff:
     Attributes:
         name: parameter, buffer or tensor name (``"loss"`` for the loss).
         kind: ``"loss"``, ``"param"``, ``"buffer"``, ``"grad"`` or ``"tensor"``.
-        measure: what ``reference_value``/``other_value`` are: ``"value"`` (the loss) or ``"norm"``.
+        measure: what ``reference_value``/``other_value`` are: ``"value"`` (the loss),
+            ``"norm"``, or ``"checksum"`` when the step recorded no norm (norms are recorded
+            every ``norm_every`` steps) or the entry is a batch.
         reference_value, other_value: the loss value or the tensor's norm; None when absent.
         difference: ``other_value - reference_value`` when both are numbers.
         reference_checksum, other_checksum: the exact checksums (hex), None when absent.
@@ -223,7 +81,11 @@ class EntryDiff:
     def format(self) -> str:
         """One readable line, e.g. ``param fc.weight: norm 1.25 vs 1.2500001 (diff +1.19e-07)``."""
         ref, oth = self.reference_value, self.other_value
-        text = f"{self.kind} {self.name}: {self.measure} {_fmt(ref)} vs {_fmt(oth)}"
+        label = self.kind if self.name == self.kind else f"{self.kind} {self.name}"
+        if self.measure == "checksum":
+            text = f"{label}: checksum {self.reference_checksum} vs {self.other_checksum}"
+        else:
+            text = f"{label}: {self.measure} {_fmt(ref)} vs {_fmt(oth)}"
         if self.difference is not None:
             text += (
                 f" (diff {self.difference:+.3g})" if self.difference else " (equal; bits differ)"
@@ -253,6 +115,9 @@ class Comparison:
             parameters by name, buffers, gradients, named tensors).
         later_differing_steps: how many compared steps after ``first_step`` also differ.
         notes: other findings (a shorter trace, a torn last line, different settings).
+        batch_differs: at ``first_step``, whether the batch the step consumed already
+            differed (the data pipeline) or not (the model's computation); None when the
+            traces hold no batch checksum for that step.
     """
 
     names: tuple[str, str]
@@ -264,6 +129,19 @@ class Comparison:
     entries: list[EntryDiff] = field(default_factory=list)
     later_differing_steps: int = 0
     notes: list[str] = field(default_factory=list)
+    batch_differs: bool | None = None
+
+    @property
+    def cause(self) -> str | None:
+        """``"batch differs: ..."`` or ``"batch identical: ..."`` at the first divergent step."""
+        if self.identical or self.batch_differs is None:
+            return None
+        if self.batch_differs:
+            return (
+                "batch differs: data pipeline (the step consumed different data: order, "
+                "augmentation, or a dataset-owned RNG)"
+            )
+        return "batch identical: the model's computation differed"
 
     @property
     def verdict(self) -> str:
@@ -283,6 +161,8 @@ class Comparison:
             Text without a trailing newline.
         """
         lines = [self.verdict]
+        if self.cause is not None:
+            lines.append("  " + self.cause)
         for entry in self.entries[:max_entries]:
             lines.append("  " + entry.format())
         if len(self.entries) > max_entries:
@@ -311,12 +191,16 @@ class Comparison:
             "entries": [e.to_dict() for e in self.entries],
             "later_differing_steps": self.later_differing_steps,
             "notes": list(self.notes),
+            "batch_differs": self.batch_differs,
+            "cause": self.cause,
         }
 
 
 def _entry_measure(entry: dict[str, Any]) -> tuple[str, float | None]:
     if entry.get("kind") == "loss" and entry.get("value") is not None:
         return "value", _as_float(entry.get("value"))
+    if entry.get("norm") is None:
+        return "checksum", None
     return "norm", _as_float(entry.get("norm"))
 
 
@@ -393,7 +277,9 @@ def compare_traces(
     """Compare two traces step by step and entry by entry, bitwise (by checksum and bits).
 
     Norms and loss values are carried along for reporting magnitudes only; two entries
-    are equal when their checksums (and loss bits, dtype and shape) are equal.
+    are equal when their checksums (and loss bits, dtype and shape) are equal. At the
+    first divergent step, the batch entries (see :class:`Trace`) tell whether the data
+    already differed (:attr:`Comparison.batch_differs`).
 
     Args:
         reference: the trace to compare against (a :class:`TraceData` or a path).
@@ -404,10 +290,11 @@ def compare_traces(
         A :class:`Comparison`.
 
     Raises:
-        TraceError: a path cannot be read as a trace (see :func:`read_trace`).
+        TraceError: a path cannot be read as a trace (see :func:`read_trace`), or a
+            trace has no traced step (nothing to compare).
         TypeError: ``names`` is not a pair of str.
 
-    >>> h = {"format": "torchrepro-trace", "version": 1}
+    >>> h = {"format": "torchrepro-trace", "version": 2}
     >>> e = lambda c: {"name": "loss", "kind": "loss", "checksum": c, "value": 0.5}
     >>> a = TraceData("a", h, [{"step": 1, "entries": [e("01")]}, {"step": 2, "entries": [e("02")]}])
     >>> b = TraceData("b", h, [{"step": 1, "entries": [e("01")]}, {"step": 2, "entries": [e("0f")]}])
@@ -422,6 +309,17 @@ def compare_traces(
         raise TypeError(f"names must be a tuple of two str, got {names!r}")
     ref = reference if isinstance(reference, TraceData) else read_trace(reference)
     oth = other if isinstance(other, TraceData) else read_trace(other)
+    for data, name in ((ref, names[0]), (oth, names[1])):
+        if not data.records:
+            raise TraceError(
+                f'the trace of run "{name}" ({data.path}) has no traced step: nothing to compare'
+            )
+        steps = data.steps
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise TraceError(
+                f'the trace of run "{name}" ({data.path}) repeats or reorders step numbers; '
+                "each run needs its own trace file"
+            )
     ref_steps = {r["step"]: r for r in ref.records}
     oth_steps = {r["step"]: r for r in oth.records}
     common = sorted(set(ref_steps) & set(oth_steps))
@@ -451,6 +349,21 @@ def compare_traces(
     mismatch = only_ref[:1] + only_oth[:1]
     if first_step is None and mismatch:
         first_step = min(mismatch)
+    batch_differs = None
+    if first_step is not None:
+        batches = [
+            [e for e in steps[first_step]["entries"] if e.get("kind") == "batch"]
+            if first_step in steps
+            else []
+            for steps in (ref_steps, oth_steps)
+        ]
+        if batches[0] and batches[1]:
+            batch_differs = batches[0] != batches[1]
+        if entries and all(e.measure == "checksum" for e in entries if e.kind != "batch"):
+            notes.append(
+                f"step {first_step} recorded no norms (Trace records them every norm_every "
+                "steps); the checksums say which tensors differ, not by how much"
+            )
     for key in ("every", "grads", "world_size"):
         if ref.header.get(key) != oth.header.get(key):
             notes.append(
@@ -472,6 +385,7 @@ def compare_traces(
         entries=entries,
         later_differing_steps=later,
         notes=notes,
+        batch_differs=batch_differs,
     )
 
 

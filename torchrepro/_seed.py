@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from . import _dist, _envvars
+from . import _dist, _envvars, _runinfo
 from ._errors import TorchreproWarning
 from ._rng import _numpy
 
@@ -173,6 +173,7 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
     os.environ[_envvars.SEED] = str(seed)
     path: tuple[int | str, ...] = ("rank", _dist.rank()) if per_rank else ()
     seed_streams(seed, "global", *path)
+    _runinfo.note("seed", seed)  # for the trace header
     return seed
 
 

@@ -1,38 +1,55 @@
-"""Trace: exact per-step checksums of the loss, parameters, buffers and gradients.
+"""Trace: exact per-step checksums of the loss, parameters, buffers, gradients and batch.
 
 One JSON line per traced step is appended and flushed to the file, so a crash loses at
-most the step in flight. ``torchrepro check`` compares the traces of several runs with
-:func:`torchrepro._compare.compare_traces`.
+most the step in flight. Each writing process first writes a header with the facts it
+observed about itself (:mod:`torchrepro._runinfo`) and its environment fingerprint. The
+format is owned by :mod:`torchrepro._tracefile`; ``torchrepro check`` compares the
+traces of several runs with :func:`torchrepro._compare.compare_traces`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
+import hashlib
+import logging
 import numbers
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from . import _dist, _envvars
+from . import _dist, _envvars, _runinfo
 from ._checksum import tensor_checksums, tensor_norms
-from ._compare import TRACE_FORMAT, TRACE_VERSION, TraceError, json_float, read_lines
+from ._errors import TraceError
+from ._fingerprint import fingerprint
 from ._statedict import check_versioned
+from ._tracefile import (
+    TRACE_FORMAT,
+    TRACE_VERSION,
+    encode,
+    fingerprint_digest,
+    json_float,
+    parse,
+)
 from ._version import __version__
 
 __all__ = ["Trace"]
 
 STATE_VERSION = 1
 _UNRESOLVED = "<unresolved>"
+_INT64 = (-(2**63), 2**63 - 1)
+log = logging.getLogger("torchrepro")
+_precedence_logged = False
 
 # Host-side decoding of a one-element loss from its raw little-endian bytes.
 _STRUCT = {torch.float16: "<e", torch.float32: "<f", torch.float64: "<d"}
 
 
-def _loss_value(dtype: torch.dtype, raw: bytes) -> float | None:
+def _loss_value(dtype: torch.dtype, raw: bytes) -> float | int | None:
     if dtype in _STRUCT:
         return float(struct.unpack(_STRUCT[dtype], raw)[0])
     if dtype == torch.bfloat16:
@@ -40,7 +57,7 @@ def _loss_value(dtype: torch.dtype, raw: bytes) -> float | None:
     if dtype == torch.bool:
         return float(raw[0])
     if not dtype.is_floating_point and not dtype.is_complex:
-        return float(int.from_bytes(raw, "little", signed=dtype.is_signed))
+        return int.from_bytes(raw, "little", signed=dtype.is_signed)  # exact, not via float
     return None
 
 
@@ -50,11 +67,57 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _as_tensor(value: object, what: str) -> torch.Tensor:
+    """A tensor holding ``value`` exactly: Python ints as int64, other reals as float64."""
     if isinstance(value, torch.Tensor):
         return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+        if not _INT64[0] <= number <= _INT64[1]:
+            raise ValueError(
+                f"{what} must fit in int64 to be recorded exactly, got an int of "
+                f"{number.bit_length()} bits; record it as a tensor or a float"
+            )
+        return torch.tensor(number, dtype=torch.int64)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float64)
     raise TypeError(f"{what} must be a torch.Tensor or a real number, got {type(value).__name__}")
+
+
+def _leaves(value: object, path: str, out: list[tuple[str, object]]) -> None:
+    """The leaves of a (nested) batch, with their paths, in a deterministic order."""
+    if (
+        isinstance(value, torch.Tensor)
+        or value is None
+        or isinstance(value, (str, bytes, int, float))
+    ):
+        out.append((path, value))
+    elif isinstance(value, Mapping):
+        for key in value:
+            _leaves(value[key], f"{path}[{key!r}]", out)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _leaves(item, f"{path}[{i}]", out)
+    elif hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            _leaves(getattr(value, name), f"{path}.{name}", out)
+    else:
+        out.append((path, f"<{type(value).__qualname__}>"))  # not inspectable: its type only
+
+
+def _batch_entry(batch: object) -> dict[str, Any]:
+    """One entry for the batch a step consumed: a checksum over every leaf."""
+    leaves: list[tuple[str, object]] = []
+    _leaves(batch, "batch", leaves)
+    tensors = [v for _, v in leaves if isinstance(v, torch.Tensor)]
+    checksums = iter(tensor_checksums(tensors))
+    h = hashlib.blake2b(digest_size=8)
+    for path, value in leaves:
+        if isinstance(value, torch.Tensor):
+            text = f"{path}|{value.dtype}|{tuple(value.shape)}|{next(checksums):016x}"
+        else:
+            text = f"{path}|{type(value).__name__}|{value!r}"
+        h.update(text.encode() + b"\0")
+    return {"name": "batch", "kind": "batch", "checksum": h.hexdigest(), "tensors": len(tensors)}
 
 
 def _members(
@@ -80,13 +143,19 @@ class Trace:
     Call :meth:`step` once per optimisation step. On traced steps it records, in this
     order: the loss (its exact bits, value and checksum), every parameter of ``model`` by
     name, every buffer (e.g. BatchNorm running statistics), every gradient (with
-    ``grads=True``; a ``None`` gradient is recorded as such), then each named tensor. Each
-    tensor gets an exact 64-bit checksum (:func:`tensor_checksum`, computed on its device)
-    and a norm for reporting magnitudes.
+    ``grads=True``; a ``None`` gradient is recorded as such), each named tensor, then the
+    batch the step consumed (``batch=``, else the last batch a :class:`torchrepro.DataLoader`
+    handed out, if any). Each tensor gets an exact 64-bit checksum (:func:`tensor_checksum`,
+    computed on its device); every ``norm_every`` steps (and on the first step a process
+    traces) also a norm, for reporting magnitudes when runs diverge.
 
-    The file starts with a header line (format version, torchrepro and torch versions,
-    rank, world size, ``every``, ``grads``). A fresh ``Trace`` overwrites the file at its
-    first traced step; after :meth:`load_state_dict` it continues it instead. The file
+    Each process writing to the file first writes a header line: format version,
+    torchrepro and torch versions, rank, world size, ``every``, ``grads``, ``norm_every``,
+    the facts it observed (seed, each torchrepro loader's effective ``num_workers``, world
+    size, torch threads, the step it resumed from) and its full environment fingerprint
+    with a digest (format: :mod:`torchrepro._tracefile`). A fresh ``Trace`` overwrites the
+    file at its first traced step; after :meth:`load_state_dict` it continues it instead,
+    appending its own header. The file
     stays open (``O_APPEND``, one unbuffered write per traced step) until :meth:`close`,
     the end of a ``with`` block, or garbage collection.
 
@@ -96,11 +165,21 @@ class Trace:
     the ``Trace`` is created.
 
     Args:
-        path: the trace file. ``None`` reads ``TORCHREPRO_TRACE``; when that is unset too,
-            the trace is disabled and :meth:`step` only counts steps.
+        path: the trace file. ``TORCHREPRO_TRACE``, when set, replaces it (the same rule
+            as :class:`torchrepro.Checkpointer`: ``torchrepro check`` gives each run its
+            own file this way, which a path written in the script must not defeat; the
+            replacement is logged at INFO once). With ``None`` and no such variable, the
+            trace is disabled and :meth:`step` only counts steps.
         every: trace the steps ``n`` with ``n % every == 0``.
         grads: also record every parameter's gradient.
         per_rank: write one file per rank; ``None`` reads ``TORCHREPRO_TRACE_ALL_RANKS``.
+        norm_every: record norms on traced steps ``n`` with ``n % norm_every == 0`` (and
+            on a process's first traced step). Norms only serve to report magnitudes;
+            checksums are recorded on every traced step whatever this is.
+
+    Environment:
+        ``TORCHREPRO_TRACE``: replaces ``path``.
+        ``TORCHREPRO_TRACE_ALL_RANKS=1``: as ``per_rank=True``.
 
     Raises:
         TypeError, ValueError: an argument or environment variable is invalid.
@@ -115,6 +194,8 @@ class Trace:
     [('loss', 'loss'), ('param', 'weight'), ('param', 'bias')]
     """
 
+    _NORM_EVERY = 10
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -122,6 +203,7 @@ class Trace:
         every: int = 1,
         grads: bool = False,
         per_rank: bool | None = None,
+        norm_every: int = _NORM_EVERY,
     ) -> None:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(
@@ -133,23 +215,40 @@ class Trace:
             raise ValueError(f"every must be an int >= 1, got {every}")
         if not isinstance(grads, bool):
             raise TypeError(f"grads must be a bool, got {type(grads).__name__} {grads!r}")
+        if isinstance(norm_every, bool) or not isinstance(norm_every, int) or norm_every < 1:
+            raise ValueError(f"norm_every must be an int >= 1, got {norm_every!r}")
         if per_rank is not None and not isinstance(per_rank, bool):
             raise TypeError(
                 f"per_rank must be a bool or None, got {type(per_rank).__name__} {per_rank!r}"
             )
         if per_rank is None:
             per_rank = _envvars.env_int(_envvars.TRACE_ALL_RANKS, low=0, high=1) == 1
-        base = os.fspath(path) if path is not None else _envvars.env_path(_envvars.TRACE)
-        if base is not None and base == "":
-            raise ValueError("path must be a non-empty path, got ''")
+        if path is not None and os.fspath(path) == "":
+            raise ValueError("path must be a non-empty path or None, got ''")
+        override = _envvars.env_path(_envvars.TRACE)
+        base = override if override is not None else (os.fspath(path) if path is not None else None)
+        if override is not None and path is not None and os.fspath(path) != override:
+            global _precedence_logged
+            if not _precedence_logged:
+                _precedence_logged = True
+                log.info(
+                    "torchrepro: %s=%s replaces the Trace path %r given in the script",
+                    _envvars.TRACE,
+                    override,
+                    os.fspath(path),
+                )
         self._base: str | None = base
         self._every = every
         self._grads = grads
         self._per_rank = per_rank
+        self._norm_every = norm_every
         self._step = 0
         self._file: str | None = _UNRESOLVED if base is not None else None
         self._fresh = True  # overwrite the file at the first write
         self._fd: int | None = None
+        self._size = 0  # bytes in the file after the last complete write
+        self._headed = False  # this object has written its header
+        self._traced = False  # this object has traced a step (its first records norms)
 
     def __repr__(self) -> str:
         return f"Trace(path={self._base!r}, every={self._every}, grads={self._grads}, step={self._step})"
@@ -180,7 +279,12 @@ class Trace:
         return self._file
 
     def step(
-        self, loss: object = None, model: torch.nn.Module | None = None, **tensors: object
+        self,
+        loss: object = None,
+        model: torch.nn.Module | None = None,
+        *,
+        batch: object = None,
+        **tensors: object,
     ) -> None:
         """Count one step; on traced steps, record and flush one line.
 
@@ -189,8 +293,12 @@ class Trace:
         device, which waits for the device's queued work.
 
         Args:
-            loss: the step's loss: a tensor (any device; one element or more) or a number.
+            loss: the step's loss: a tensor (any device; one element or more) or a number
+                (a Python int is recorded exactly, as int64; a float as float64).
             model: record its parameters and buffers (and gradients, with ``grads=True``).
+            batch: the batch this step consumed (tensors, possibly nested in tuples,
+                lists, dicts or dataclasses). By default, the last batch a
+                :class:`torchrepro.DataLoader` handed out; pass it for other loaders.
             **tensors: further tensors (or numbers) to record under their keyword names,
                 e.g. ``logits=out``.
 
@@ -204,9 +312,11 @@ class Trace:
         path = self._resolve()
         if path is None:
             return
-        self._write(path, self._record(loss, model, tensors))
+        self._write(path, self._record(loss, model, tensors, batch))
 
-    def _record(self, loss: object, model: object, tensors: dict[str, object]) -> dict[str, Any]:
+    def _record(
+        self, loss: object, model: object, tensors: dict[str, object], batch: object
+    ) -> dict[str, Any]:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         items: list[tuple[str, str, torch.Tensor | None]] = []
@@ -222,7 +332,10 @@ class Trace:
             items.append((name, "tensor", _as_tensor(value, f"tensor {name!r}")))
         present = [t for _, _, t in items if t is not None]
         checksums = iter(tensor_checksums(present))
-        norms = iter(tensor_norms(present))
+        with_norms = not self._traced or self._step % self._norm_every == 0
+        norms = iter(tensor_norms(present) if with_norms else [])
+        if batch is None:
+            batch = _runinfo.last_batch()
         entries: list[dict[str, Any]] = []
         for name, kind, t in items:
             if t is None:
@@ -234,16 +347,30 @@ class Trace:
                 "dtype": _dtype_name(t.dtype),
                 "shape": list(t.shape),
                 "checksum": f"{next(checksums):016x}",
-                "norm": json_float(next(norms)),
             }
+            if with_norms:
+                entry["norm"] = json_float(next(norms))
             if kind == "loss" and t.numel() == 1:
                 raw = bytes(t.detach().reshape(1).view(torch.uint8).tolist())
                 entry["bits"] = "0x" + int.from_bytes(raw, "little").to_bytes(len(raw), "big").hex()
-                entry["value"] = json_float(_loss_value(t.dtype, raw))
+                value = _loss_value(t.dtype, raw)
+                entry["value"] = value if isinstance(value, int) else json_float(value)
             entries.append(entry)
+        if batch is not None:
+            entries.append(_batch_entry(batch))
+        self._traced = True
         return {"step": self._step, "entries": entries}
 
     def _header(self) -> dict[str, Any]:
+        noted = _runinfo.facts()
+        facts = {
+            "seed": noted.get("seed"),
+            "loaders": noted.get("loaders", []),
+            "world_size": _dist.world_size(),
+            "torch_threads": torch.get_num_threads(),
+            "resumed_from": noted.get("resumed_from"),
+        }
+        env = fingerprint()
         return {
             "format": TRACE_FORMAT,
             "version": TRACE_VERSION,
@@ -253,22 +380,40 @@ class Trace:
             "world_size": _dist.world_size(),
             "every": self._every,
             "grads": self._grads,
+            "norm_every": self._norm_every,
+            "facts": facts,
+            "fingerprint_digest": fingerprint_digest(env),
+            "fingerprint": env,
         }
 
     def _write(self, path: str, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        data = encode(record)
         if self._fd is None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if self._fresh else 0)
             self._fd = os.open(path, flags, 0o666)
             self._fresh = False
-            if os.fstat(self._fd).st_size == 0:
-                line = json.dumps(self._header(), separators=(",", ":")) + "\n" + line
+            self._size = os.fstat(self._fd).st_size
+        if not self._headed:
+            data = encode(self._header()) + data
         # One unbuffered write per traced step: the line is in the OS when step() returns,
         # and there is no Python buffer for a forked DataLoader worker to write twice.
-        data = line.encode()
-        while data:
-            data = data[os.write(self._fd, data) :]
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            # A partial line (e.g. a full disk) would corrupt every later record: cut the
+            # file back to its last complete line before reporting the failure.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise OSError(
+                exc.errno,
+                f"cannot write trace step {record['step']} to {path}: {exc.strerror}; the "
+                "file was cut back to its last complete line",
+            ) from exc
+        self._size += len(data)
+        self._headed = True
 
     def close(self) -> None:
         """Close the trace file (the next traced step reopens it, appending).
@@ -303,10 +448,11 @@ class Trace:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict`: the step count, and the trace file.
 
-        The file keeps its header and the records of steps up to the saved step, so the
+        The file keeps its headers and the records of steps up to the saved step, so the
         steps a crashed run traced after its checkpoint are dropped and the resumed trace
-        equals an uninterrupted run's. The rewrite is atomic (a temporary file, then
-        ``os.replace``). The trace's own path is used, not the saved one.
+        equals an uninterrupted run's; this process then appends its own header before its
+        first record. The rewrite is atomic (a temporary file, then ``os.replace``). The
+        trace's own path is used, not the saved one.
 
         Args:
             state: the dict from :meth:`state_dict`.
@@ -314,7 +460,9 @@ class Trace:
         Raises:
             TypeError: ``state`` is not a dict, or ``step`` is not an int.
             ValueError: unknown version, or a negative step.
-            TraceError: the existing file is not a torchrepro trace or is corrupted.
+            TraceError: the existing file is not a torchrepro trace or is corrupted, or it
+                does not reach the saved step (it ends earlier, or is missing while the
+                saved step is past the first traced step): continuing would leave a gap.
 
         >>> t = Trace(None); t.load_state_dict({"version": 1, "step": 41}); t.steps
         41
@@ -333,27 +481,49 @@ class Trace:
             return
         self.close()
         self._fresh = False
-        if os.path.exists(path):
-            _truncate(path, step)
+        self._headed = False  # this process appends its own header
+        self._traced = False
+        expected = (step // self._every) * self._every  # the last step the file must hold
+        if not os.path.exists(path):
+            if expected > 0:
+                raise TraceError(
+                    f"cannot continue trace {path} at step {step}: the file does not exist, so "
+                    f"steps 1-{step} would be missing; restore the trace file saved with the run, "
+                    "or leave the Trace out of the checkpoint to start a new trace"
+                )
+            return
+        _truncate(path, step, expected)
 
 
-def _truncate(path: str, step: int) -> None:
-    """Atomically keep the header and the records of steps <= ``step``."""
+def _truncate(path: str, step: int, expected: int) -> None:
+    """Atomically keep the lines up to the record of ``step``; refuse a gap before it."""
     try:
-        _, records, torn = read_lines(path)
+        _headers, records, torn = parse(path)
     except TraceError as exc:
         raise TraceError(f"cannot continue trace {path} after a resume: {exc}") from exc
-    with open(path, encoding="utf-8") as f:
-        header_line = f.readline()
-    kept = [raw for record, raw in records if record["step"] <= step]
+    kept = [(number, raw) for number, record, raw in records if record["step"] <= step]
+    last = next((r["step"] for _, r, _ in reversed(records) if r["step"] <= step), 0)
+    if last != expected:
+        raise TraceError(
+            f"cannot continue trace {path} at step {step}: the file's last traced step up to "
+            f"{step} is {last}, expected {expected}; continuing would leave a gap. The trace file "
+            "does not belong to this checkpoint (was it replaced, or written with another "
+            "`every`?): restore the matching file, or use a new trace path"
+        )
     if len(kept) == len(records) and not torn:
         return
+    keep_lines = {number for number, _ in kept}
+    record_lines = {number for number, _, _ in records}
+    limit = max(keep_lines, default=1)  # later lines: dropped records, their headers, a torn line
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".trace-", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(header_line)
-            f.writelines(raw + "\n" for raw in kept)
+        with open(path, "rb") as src, os.fdopen(fd, "wb") as f:
+            for number, line in enumerate(src, start=1):
+                if number > limit:
+                    break
+                if number in keep_lines or number not in record_lines:
+                    f.write(line)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, os.stat(path).st_mode & 0o777)

@@ -6,6 +6,11 @@ Environment knobs for the tests:
     TINY_CRASH=1            raise at step 3
     TINY_NO_TRACE=1         never create a Trace
     TINY_NO_CHECKPOINT=1    never create a Checkpointer
+    TINY_NO_RESUME=1        create a Checkpointer but forget to call resume()
+    TINY_TRACE_NOT_SAVED=1  leave the Trace out of the checkpoint (its numbering restarts)
+    TINY_TORCH_LOADER=1     torch's own DataLoader (ignores TORCHREPRO_NUM_WORKERS)
+    TINY_FIXED_SEED=1       seed_everything(0): ignores TORCHREPRO_SEED
+    TINY_UNSEEDED=1         perturb the model from os.urandom (every run differs)
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class Noisy(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 def main() -> None:
-    torchrepro.seed_everything()
+    torchrepro.seed_everything(0 if os.environ.get("TINY_FIXED_SEED") else None)
     torchrepro.deterministic("strict")
     nudge_marker = os.environ.get("TINY_NUDGE_MARKER")
     nudge = False
@@ -39,19 +44,30 @@ def main() -> None:
     nudge_step = int(os.environ.get("TINY_NUDGE_STEP", "7"))
 
     x, y = torch.randn(64, 4), torch.randn(64, 1)
-    loader = torchrepro.DataLoader(Noisy(x, y), batch_size=8, shuffle=True, num_workers=0)
+    if os.environ.get("TINY_TORCH_LOADER"):
+        loader = torch.utils.data.DataLoader(Noisy(x, y), batch_size=8, shuffle=True)
+        loader.epoch = 0  # type: ignore[attr-defined]
+    else:
+        loader = torchrepro.DataLoader(Noisy(x, y), batch_size=8, shuffle=True, num_workers=0)
     model = torch.nn.Sequential(
         torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1)
     )
+    if os.environ.get("TINY_UNSEEDED"):
+        g = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        with torch.no_grad():
+            model[0].weight.add_(torch.randn(model[0].weight.shape, generator=g))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     trace = None if os.environ.get("TINY_NO_TRACE") else torchrepro.Trace()
     ckpt = None
     if not os.environ.get("TINY_NO_CHECKPOINT"):
-        objects = {"model": model, "optimizer": optimizer, "loader": loader}
-        if trace is not None:
+        objects = {"model": model, "optimizer": optimizer}
+        if not os.environ.get("TINY_TORCH_LOADER"):
+            objects["loader"] = loader
+        if trace is not None and not os.environ.get("TINY_TRACE_NOT_SAVED"):
             objects["trace"] = trace
         ckpt = torchrepro.Checkpointer("tiny.pt", every=5, **objects)
-        ckpt.resume()
+        if not os.environ.get("TINY_NO_RESUME"):
+            ckpt.resume()
     step = ckpt.steps if ckpt else 0
     for _epoch in range(loader.epoch, 2):
         for xb, yb in loader:
