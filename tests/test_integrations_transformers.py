@@ -84,9 +84,9 @@ def make_trainer(monkeypatch, tmp_path):
     made: list[Any] = []
 
     def make(**overrides: Any) -> ReproTrainer:
+        overrides = {"per_device_train_batch_size": 2, **overrides}
         args = TrainingArguments(
             output_dir=str(tmp_path / "out"),
-            per_device_train_batch_size=2,
             num_train_epochs=1,
             report_to="none",
             use_cpu=True,
@@ -131,4 +131,18 @@ def test_checkpoint_not_saved_by_reprotrainer_is_refused(make_trainer, tmp_path)
     trainer.get_train_dataloader()
     trainer._repro_resume = str(foreign)
     with pytest.raises(torchrepro.TorchreproError, match="was not saved by ReproTrainer"):
+        trainer._repro_load()
+
+
+@pytest.mark.rng_changes
+def test_mid_epoch_resume_with_a_partial_accumulation_group_is_refused(make_trainer, tmp_path):
+    trainer = make_trainer(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    loader = trainer.get_train_dataloader()  # 3 batches per epoch: the last group is partial
+    it = iter(loader)
+    next(it)
+    folder = tmp_path / "out" / "checkpoint-1"
+    torchrepro.save_checkpoint(folder / "torchrepro.pt", loader=loader, extra={"global_step": 1})
+    trainer.get_train_dataloader()
+    trainer._repro_resume = str(folder)
+    with pytest.raises(torchrepro.TorchreproError, match="gradient_accumulation_steps=2 and 3"):
         trainer._repro_load()
