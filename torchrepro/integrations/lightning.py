@@ -98,6 +98,10 @@ class ReproCallback(Callback):
 
     Raises:
         TypeError, ValueError: a bad argument or environment variable.
+
+    >>> repro = ReproCallback(seed=0, trace=False)
+    >>> repro.seed, repro.resume_path(default="last")  # no stop recorded: your own choice
+    (0, 'last')
     """
 
     def __init__(
