@@ -353,3 +353,11 @@ def test_torchrepro_rebuild_from_a_user_sampler_is_the_same_loader(attribute: st
     extra = {} if attribute == "batch_sampler" else {"batch_size": loader.batch_size}
     rebuilt = DataLoader(loader.dataset, seed=3, **{attribute: getattr(loader, attribute)}, **extra)
     assert _same(_epochs(rebuilt), reference)
+
+
+def test_user_batch_sampler_under_spawn() -> None:  # one case: spawn is slow
+    reference = _epochs(DataLoader(Noisy(), seed=3, batch_sampler=Buckets(N, 4)))
+    loader = DataLoader(
+        Noisy(), seed=3, num_workers=2, multiprocessing_context="spawn", batch_sampler=Buckets(N, 4)
+    )
+    assert _same(_epochs(loader), reference)
