@@ -527,7 +527,12 @@ def run_check(
                 if comparison.identical:  # an untested variation must not pass as a proof
                     result.error = effect
                     return CheckReport(results, comparisons, f'run "{spec.name}": {effect}')
-                notes.append(f'run "{spec.name}": {effect} (yet it differs)')
+                # it differs, so something changed: the script's own loader may have read
+                # the variable, which no torchrepro loader recorded
+                notes.append(
+                    f'run "{spec.name}": '
+                    + effect.replace("had no effect:", "is not confirmed by the trace:")
+                )
         return CheckReport(results, comparisons, notes=notes)
     finally:
         if keep is None:
