@@ -16,7 +16,8 @@ def test_import_does_not_add_numpy_beyond_torch():
         "import torchrepro\n"
         "added = set(sys.modules) - before\n"
         "print(','.join(sorted(m for m in added if m.split('.')[0] in "
-        "('numpy', 'torchvision', 'sklearn', 'hypothesis', 'lightning', 'torchdata'))))"
+        "('numpy', 'torchvision', 'sklearn', 'hypothesis', 'lightning', 'pytorch_lightning', "
+        "'torchdata', 'transformers', 'accelerate', 'torchrepro.integrations'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
@@ -25,7 +26,8 @@ def test_import_does_not_add_numpy_beyond_torch():
 def test_import_pulls_no_optional_package():
     code = (
         "import sys, torchrepro\n"
-        "heavy = [m for m in ('numpy', 'torchvision', 'sklearn', 'hypothesis', 'lightning', 'matplotlib') if sys.modules.get(m) is not None]\n"
+        "heavy = [m for m in ('numpy', 'torchvision', 'sklearn', 'hypothesis', 'lightning', 'matplotlib', "
+        "'transformers', 'accelerate', 'torchrepro.integrations') if sys.modules.get(m) is not None]\n"
         "print(','.join(heavy))"
     )
     # torch itself may import numpy when it is installed; block it to see torchrepro's own imports.
@@ -74,21 +76,28 @@ VERIFICATION = {
     "_explain",
     "_report",
 }
+# The optional framework integrations (integrations/) sit on top: nothing else imports them.
+TOP = {"_cli", "integrations"}
 # What each layer must not import (the layers above it).
 FORBIDDEN = {
     **{
-        name: {"data", "_checkpoint", "_ckptfile", "_fingerprint", "_cli", *VERIFICATION}
+        name: {"data", "_checkpoint", "_ckptfile", "_fingerprint", *TOP, *VERIFICATION}
         for name in CORE
     },
-    "_fingerprint": {"data", "_checkpoint", "_ckptfile", "_cli", *VERIFICATION},
-    "_checkpoint": {"data", "_cli", *VERIFICATION},
-    "_ckptfile": {"data", "_checkpoint", "_fingerprint", "_cli", *VERIFICATION},
+    "_fingerprint": {"data", "_checkpoint", "_ckptfile", *TOP, *VERIFICATION},
+    "_checkpoint": {"data", *TOP, *VERIFICATION},
+    "_ckptfile": {"data", "_checkpoint", "_fingerprint", *TOP, *VERIFICATION},
     **{
-        f"data/{p.stem}": {"_checkpoint", "_ckptfile", "_cli", *VERIFICATION}
+        f"data/{p.stem}": {"_checkpoint", "_ckptfile", *TOP, *VERIFICATION}
         for p in (PACKAGE / "data").glob("*.py")
     },
-    **{name: {"_cli"} for name in VERIFICATION},
+    **dict.fromkeys(VERIFICATION, TOP),
+    "_cli": {"integrations"},
+    "__init__": {"integrations"},
 }
+INTEGRATIONS = sorted(p.stem for p in (PACKAGE / "integrations").glob("*.py"))
+# Framework modules each integration may import; the rest of torchrepro imports none of them.
+FRAMEWORKS = {"lightning", "pytorch_lightning", "transformers", "accelerate", "datasets"}
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -127,6 +136,42 @@ def test_layers_import_only_downward(module):
     path = PACKAGE / f"{module}.py"
     bad = _imported_modules(path) & FORBIDDEN[module]
     assert not bad, f"{module}.py imports {sorted(bad)} from a layer above it"
+
+
+def _frameworks_imported(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add((node.module or "").split(".")[0])
+    return found & FRAMEWORKS
+
+
+# Each integration module and the frameworks it may import.
+INTEGRATION_FRAMEWORKS = {
+    "__init__": set(),
+    "_common": set(),
+    "lightning": {"lightning"},
+    "transformers": {"transformers", "datasets"},
+}
+
+
+@pytest.mark.parametrize("module", INTEGRATIONS)
+def test_each_integration_imports_only_its_framework(module):
+    assert module in INTEGRATION_FRAMEWORKS, f"integrations/{module}.py is new: list it here"
+    found = _frameworks_imported(PACKAGE / "integrations" / f"{module}.py")
+    assert found <= INTEGRATION_FRAMEWORKS[module], (
+        f"integrations/{module}.py imports {sorted(found)}"
+    )
+
+
+def test_no_module_outside_integrations_imports_a_framework():
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "integrations":
+            continue
+        bad = _frameworks_imported(path)
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}; only integrations/ may"
 
 
 def test_layer_check_sees_every_import_form(tmp_path):

@@ -7,7 +7,12 @@ Map-style datasets::
                                 # which is the global batch count: the same on every rank)
      "samples_consumed": int,   # samples of the epoch's global order consumed
      "dataset_length": int, "batch_size": int | None, "drop_last": bool,
-     "shuffle": bool, "world_size": int}
+     "shuffle": bool, "world_size": int,
+     "order": "torchrepro" | "sampler"}  # optional; missing means "torchrepro"
+
+With ``"order": "sampler"`` (a user's sampler or batch sampler) the position is
+``batches_received`` only (``samples_consumed`` repeats it: the sampler is replayed on
+resume, so no sample count is needed), and the world size cannot change.
 
 Iterable datasets (num_workers=0 and a stateful dataset only)::
 
@@ -38,6 +43,7 @@ MAP_KEYS = (
     "shuffle",
     "world_size",
 )
+OPTIONAL_KEYS = ("order",)
 ITERABLE_KEYS = ("version", "kind", "seed", "epoch", "items_received", "dataset_state")
 
 
@@ -76,11 +82,11 @@ def validate(state: object, kind: str) -> Mapping[str, Any]:
     missing = [key for key in keys if key not in state]
     if missing:
         raise ValueError(f"loader state is missing key(s) {missing}")
-    unknown = sorted(set(state) - set(keys))
+    unknown = sorted(set(state) - set(keys) - set(OPTIONAL_KEYS if kind == "map" else ()))
     if unknown:
         raise ValueError(f"loader state has unknown key(s) {unknown}")
     check_int(state, "seed", high=SEED_MAX)
-    check_int(state, "epoch")
+    check_int(state, "epoch", high=SEED_MAX)
     return state
 
 
@@ -95,6 +101,7 @@ def check_same(key: str, saved: object, here: object) -> None:
 def map_state(
     *, seed: int, epoch: int, batches: int, order: Order, batch_size: int | None
 ) -> dict[str, Any]:
+    """The state for torchrepro's own order."""
     return {
         "version": STATE_VERSION,
         "kind": "map",
@@ -110,21 +117,91 @@ def map_state(
     }
 
 
+def sampler_state(
+    *,
+    seed: int,
+    epoch: int,
+    batches: int,
+    samples: int,
+    length: int,
+    batch_size: int | None,
+    drop_last: bool,
+    world_size: int,
+) -> dict[str, Any]:
+    """The state for a user's sampler: batches received, replayed on resume
+    (``samples_consumed`` repeats ``batches``: see the module docstring)."""
+    return {
+        "version": STATE_VERSION,
+        "kind": "map",
+        "seed": seed,
+        "epoch": epoch,
+        "batches_received": batches,
+        "samples_consumed": samples,
+        "dataset_length": length,
+        "batch_size": batch_size,
+        "drop_last": drop_last,
+        "shuffle": False,
+        "world_size": world_size,
+        "order": "sampler",
+    }
+
+
+def load_sampler(
+    state: object,
+    *,
+    seed: int,
+    length: int,
+    batch_size: int | None,
+    drop_last: bool,
+    world_size: int,
+) -> tuple[int, int]:
+    """Validate a user-sampler state; return ``(epoch, batches_received)``."""
+    state = validate(state, "map")
+    _check_order(state, "sampler")
+    check_same("seed", check_int(state, "seed", high=SEED_MAX), seed)
+    check_same("dataset_length", check_int(state, "dataset_length"), length)
+    check_same("batch_size", state["batch_size"], batch_size)
+    check_same("drop_last", check_bool(state, "drop_last"), drop_last)
+    world = check_int(state, "world_size", low=1)
+    if world != world_size:
+        raise ValueError(
+            f"loader state was made with world_size={world} and a sampler of your own, but "
+            f"this loader runs with world_size={world_size}: a sampler's stream is per rank, "
+            "so its position cannot be carried to another world size (strict=False does not "
+            "help); resume with the same world size, or let torchrepro order the samples "
+            "(shuffle=True/False, no sampler=) to change it"
+        )
+    return check_int(state, "epoch", high=SEED_MAX), check_int(state, "batches_received")
+
+
+def _check_order(state: Mapping[str, Any], expected: str) -> None:
+    found = state.get("order", "torchrepro")
+    if found != expected:
+        raise ValueError(
+            f"loader state 'order' is {found!r}, but this loader's order is {expected!r}: "
+            "build the loader with the same sampler=/batch_sampler= (or none) to resume"
+        )
+
+
 def load_map(
     state: object, *, seed: int, order: Order, batch_size: int | None, strict: bool
 ) -> tuple[int, int]:
     """Validate a map-style state against the loader; return ``(epoch, batches_received)``."""
     state = validate(state, "map")
+    _check_order(state, "torchrepro")
     check_same("seed", check_int(state, "seed", high=SEED_MAX), seed)
     check_same("dataset_length", check_int(state, "dataset_length"), order.length)
     saved_batch = state["batch_size"]
     if saved_batch is not None:
         check_int(state, "batch_size", low=1)
-    check_same("batch_size", saved_batch, batch_size)
     check_same("drop_last", check_bool(state, "drop_last"), order.drop_last)
     check_same("shuffle", check_bool(state, "shuffle"), order.shuffle)
-    epoch = check_int(state, "epoch")
+    epoch = check_int(state, "epoch", high=SEED_MAX)
     world = check_int(state, "world_size", low=1)
+    if world == order.world_size:
+        # Another per-rank batch is fine only together with another world size: the
+        # global batch (kept constant by e.g. batch_size = global // world) decides.
+        check_same("batch_size", saved_batch, batch_size)
     consumed = check_int(state, "samples_consumed", high=order.length)
     per_epoch = order.batches_per_epoch()
     if world != order.world_size:
@@ -136,6 +213,8 @@ def load_map(
             )
         # Round down: samples may be seen twice across the change, never skipped.
         batches = consumed // order.global_batch
+        if (saved_batch is None) != (batch_size is None):
+            check_same("batch_size", saved_batch, batch_size)
     else:
         batches = check_int(state, "batches_received", high=per_epoch)
         expected = order.samples_consumed(batches)
@@ -160,11 +239,10 @@ def iterable_state(*, seed: int, epoch: int, items: int, dataset: Any) -> dict[s
     }
 
 
-def load_iterable(state: object, *, seed: int, dataset: Any) -> tuple[int, int]:
-    """Validate an iterable state, load the dataset's part; return ``(epoch, items)``."""
+def load_iterable(state: object, *, seed: int) -> tuple[int, int, Any]:
+    """Validate an iterable state; return ``(epoch, items, dataset_state)``."""
     state = validate(state, "iterable")
     check_same("seed", check_int(state, "seed", high=SEED_MAX), seed)
-    epoch = check_int(state, "epoch")
+    epoch = check_int(state, "epoch", high=SEED_MAX)
     items = check_int(state, "items_received")
-    dataset.load_state_dict(state["dataset_state"])
-    return epoch, items
+    return epoch, items, state["dataset_state"]
