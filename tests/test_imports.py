@@ -63,7 +63,7 @@ CORE = {
     "_runinfo",
     "_version",
 }
-VERIFICATION = {"_checksum", "_trace", "_compare", "_audit", "_check"}
+VERIFICATION = {"_checksum", "_trace", "_compare", "_audit", "_process", "_check"}
 # What each layer must not import (the layers above it).
 FORBIDDEN = {
     **{name: {"data", "_checkpoint", "_fingerprint", "_cli", *VERIFICATION} for name in CORE},

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
+import signal
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,13 @@ from ._checkpoint import read_checkpoint
 from ._compare import Comparison, TraceData, compare_traces, read_trace
 from ._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
 from ._errors import CheckpointError, TraceError
+from ._process import run_in_group, tail
 from ._seed import derive_seed, seed_from_env
 
 __all__ = ["CheckReport", "RunResult", "RunSpec", "plan_runs", "run_check", "run_environment"]
+
+# The most runs --runs asks for (each is a full training run; more is a typo).
+MAX_RUNS = 100
 
 # --vary names with a meaning of their own; any other NAME sets the environment variable NAME.
 VARY_ALIASES = {"num_workers": _envvars.NUM_WORKERS, "seed": _envvars.SEED}
@@ -144,8 +147,8 @@ def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None)
     Raises:
         ValueError: ``runs`` < 1, a malformed ``--vary``, or ``resume_at`` < 1.
     """
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"--runs must be an integer >= 1, got {runs!r}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_RUNS:
+        raise ValueError(f"--runs must be an integer in [1, {MAX_RUNS}], got {runs!r}")
     if resume_at is not None and (isinstance(resume_at, bool) or resume_at < 1):
         raise ValueError(f"--resume-at must be a step >= 1, got {resume_at!r}")
     parsed = _parse_vary(vary)
@@ -165,20 +168,32 @@ def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None)
     return specs
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+class _StepCounter:
+    """Counts a growing trace's step lines, reading only what was appended since last time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.lines = path, 0, 0
+
+    def __call__(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return 0
+        self.offset += len(data)
+        self.lines += data.count(b"\n")
+        return max(self.lines - 1, 0)  # minus the header line
 
 
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return max(sum(1 for _ in f) - 1, 0)  # minus the header line
-    except OSError:
-        return 0
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with status {code}"
 
 
 def _steps_saved(path: Path) -> int | None:
@@ -199,27 +214,34 @@ def _run_process(
     label: str,
     trace: Path,
     progress: Progress | None,
-) -> int:
-    with open(directory / "stdout.log", "ab") as out, open(directory / "stderr.log", "ab") as err:
-        proc = subprocess.Popen(list(command), env=env, stdout=out, stderr=err)
-        stop = threading.Event()
+    timeout: float | None,
+) -> tuple[int, str | None]:
+    """Run one process of a run; its exit status, and why it failed to start or finish."""
+    steps = _StepCounter(trace)
 
-        def report() -> None:
-            while not stop.wait(1.0):
-                if progress is not None:
-                    progress(f"{label}: {_count_lines(trace)} steps")
+    def tick() -> None:
+        if progress is not None:
+            progress(f"{label}: {steps()} steps")
 
-        watcher = threading.Thread(target=report, daemon=True)
-        watcher.start()
-        try:
-            return proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            stop.set()
-            watcher.join()
+    try:
+        finished = run_in_group(
+            command,
+            env,
+            stdout=directory / "stdout.log",
+            stderr=directory / "stderr.log",
+            timeout=timeout,
+            tick=tick,
+        )
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        return 127 if isinstance(exc, FileNotFoundError) else 126, (
+            f"could not start {command[0]!r}: {reason}; check the command after --"
+        )
+    if finished.timed_out:
+        return finished.returncode, (
+            f"did not finish within --timeout {timeout:g} s; it was stopped (SIGTERM, then SIGKILL)"
+        )
+    return finished.returncode, None
 
 
 def _execute(
@@ -228,10 +250,20 @@ def _execute(
     directory: Path,
     base_env: dict[str, str],
     progress: Progress | None,
+    *,
+    timeout: float | None = None,
 ) -> RunResult:
-    if directory.exists():
-        shutil.rmtree(directory)  # never a stale trace or checkpoint
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    if any(directory.iterdir()):  # checked before the first run too; never delete it
+        return RunResult(
+            spec,
+            0,
+            None,
+            "",
+            directory,
+            f"was not started: {directory} is not empty (torchrepro never deletes what it did "
+            "not create)",
+        )
     trace_path, ckpt_path = directory / "trace.jsonl", directory / "checkpoint.pt"
     env = {
         **base_env,
@@ -241,19 +273,27 @@ def _execute(
     }
     env.pop(_envvars.STOP_AT, None)
 
-    def run(run_env: dict[str, str]) -> tuple[int, str]:
-        code = _run_process(
-            command, run_env, directory, label=spec.name, trace=trace_path, progress=progress
+    def run(run_env: dict[str, str]) -> tuple[int, str, str | None]:
+        code, problem = _run_process(
+            command,
+            run_env,
+            directory,
+            label=spec.name,
+            trace=trace_path,
+            progress=progress,
+            timeout=timeout,
         )
-        return code, _tail(directory / "stderr.log")
+        return code, tail(directory / "stderr.log"), problem
 
-    def failed(code: int, tail: str, message: str) -> RunResult:
-        return RunResult(spec, code, None, tail, directory, message)
+    def failed(code: int, stderr_tail: str, message: str) -> RunResult:
+        return RunResult(spec, code, None, stderr_tail, directory, message)
 
     if spec.resume_at is not None:
-        code, tail = run({**env, _envvars.STOP_AT: str(spec.resume_at)})
+        code, last, problem = run({**env, _envvars.STOP_AT: str(spec.resume_at)})
+        if problem is not None:
+            return failed(code, last, f"(the part stopped at step {spec.resume_at}) {problem}")
         if code != 0:
-            return failed(code, tail, "the stopped run failed")
+            return failed(code, last, "the stopped run failed")
         if not ckpt_path.exists():
             return failed(
                 code,
@@ -270,23 +310,49 @@ def _execute(
                 f"ended before step {spec.resume_at}; choose a step the run reaches",
             )
         env = {**env, **spec.resume_env}
-    code, tail = run(env)
+    code, last, problem = run(env)
+    if problem is not None:
+        return failed(code, last, problem)
     if code != 0:
-        return failed(code, tail, f"exited with status {code}")
+        return failed(code, last, _exit_reason(code))
     if not trace_path.exists():
         return failed(
             code,
-            tail,
+            last,
             "recorded no trace: add `trace = torchrepro.Trace()` and call `trace.step(loss=loss, model=model)` "
             "once per training step (it writes to TORCHREPRO_TRACE)",
         )
     try:
         trace = read_trace(trace_path)
     except TraceError as exc:
-        return failed(code, tail, f"unreadable trace: {exc}")
+        return failed(code, last, f"unreadable trace: {exc}")
     if not trace.records:
-        return failed(code, tail, "its trace has no steps: call trace.step() each step")
-    return RunResult(spec, code, trace, tail, directory)
+        return failed(code, last, "its trace has no steps: call trace.step() each step")
+    return RunResult(spec, code, trace, last, directory)
+
+
+def _keep_root(root: Path, count: int) -> Path:
+    """``root`` for ``--keep``, created if needed; refuses what a check would overwrite."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(
+            f"--keep {str(root)!r} exists and is not a directory; give a directory"
+        ) from None
+    except OSError as exc:
+        raise ValueError(
+            f"--keep {str(root)!r}: cannot create this directory ({exc.strerror or exc}); "
+            "give a writable place"
+        ) from None
+    for index in range(1, count + 1):
+        run = root / f"run{index}"
+        if run.is_symlink() or (run.exists() and (not run.is_dir() or any(run.iterdir()))):
+            raise ValueError(
+                f"--keep {str(root)!r} already holds {run.name!r} (not an empty directory); "
+                "torchrepro check never deletes what it did not create: give a new or empty "
+                "directory, or remove the old runs yourself"
+            )
+    return root
 
 
 def run_check(
@@ -298,6 +364,7 @@ def run_check(
     keep: str | os.PathLike[str] | None = None,
     seed: int | None = None,
     progress: Progress | None = None,
+    timeout: float | None = None,
 ) -> CheckReport:
     """Run ``command`` several ways and compare every trace with the first.
 
@@ -312,15 +379,24 @@ def run_check(
         runs: runs with the base environment.
         vary: ``"NAME=V1,V2,..."`` items (see :func:`plan_runs`).
         resume_at: add a run stopped at this step and resumed in a second process.
-        keep: keep traces and logs in this directory (else a temporary one is removed).
+        keep: keep traces and logs in this directory, in ``run1``, ``run2``, ... (else
+            in a temporary directory, always removed). Existing ``runN`` entries that are
+            not empty directories are refused, never deleted.
         seed: the seed for every run.
         progress: called with a short status line while runs proceed.
+        timeout: seconds each process of a run may take; then it is stopped (SIGTERM,
+            SIGKILL 5 s later) and the check fails naming the run.
+
+    Each run's process starts in a session of its own: whatever it leaves running is
+    killed when it exits, and an exception here (``KeyboardInterrupt``, or SIGTERM turned
+    into one by :func:`torchrepro._process.raise_on_signals`) stops the whole group first.
 
     Returns:
         A :class:`CheckReport`; it stops at the first failed run.
 
     Raises:
-        ValueError: bad ``runs``, ``vary`` or ``resume_at``; an empty command.
+        ValueError: bad ``runs``, ``vary``, ``resume_at`` or ``timeout``; an empty command;
+            a ``keep`` that is a file, cannot be created or holds a non-empty ``runN``.
     """
     if not command:
         raise ValueError("command must not be empty")
@@ -329,14 +405,24 @@ def run_check(
         from_env = seed_from_env()
         seed = 0 if from_env is None else from_env
     base_env = run_environment(seed)
-    root = Path(keep) if keep is not None else Path(tempfile.mkdtemp(prefix="torchrepro-check-"))
-    root.mkdir(parents=True, exist_ok=True)
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < float("inf")
+    ):
+        raise ValueError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
+    if keep is not None:
+        root = _keep_root(Path(keep), len(specs))
     results: list[RunResult] = []
+    if keep is None:
+        root = Path(tempfile.mkdtemp(prefix="torchrepro-check-"))
     try:
         for index, spec in enumerate(specs):
             if progress is not None:
                 progress(f"run {index + 1}/{len(specs)}: {spec.name}")
-            result = _execute(command, spec, root / f"run{index + 1}", base_env, progress)
+            result = _execute(
+                command, spec, root / f"run{index + 1}", base_env, progress, timeout=timeout
+            )
             results.append(result)
             if result.error is not None:
                 return CheckReport(results, [], f'run "{spec.name}" {result.error}')
