@@ -114,12 +114,16 @@ def test_keep_that_cannot_be_a_directory(tmp_path, kind):
 
 
 def test_a_library_error_is_not_reported_as_a_usage_error(tmp_path):
-    # The command writes a trace that is not UTF-8: an error, but not in the arguments.
-    code = (
-        "import os; f = open(os.environ['TORCHREPRO_TRACE'], 'wb'); "
-        'f.write(b\'{"format": "torchrepro-trace", "version": 1}\\n\\xff\\xfe\\n\')'
+    # The command writes a trace with a 5000-digit number: Python's JSON parser raises a
+    # ValueError. An error, but not in check's arguments: no usage message.
+    script = tmp_path / "bigint.py"
+    script.write_text(
+        "import os\n"
+        "with open(os.environ['TORCHREPRO_TRACE'], 'w') as f:\n"
+        '    f.write(\'{"format": "torchrepro-trace", "version": 1}\\n\')\n'
+        '    f.write(\'{"step": 1, "entries": [], "x": \' + "9" * 5000 + "}\\n")\n'
     )
-    proc = _cli("check", "--runs", "1", "--", sys.executable, "-c", code)
+    proc = _cli("check", "--runs", "1", "--", sys.executable, str(script))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "usage:" not in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
