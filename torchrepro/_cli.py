@@ -384,7 +384,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command = _command(args.parser, args, after)
     try:
         return int(args.func(args.parser, args))
+    except KeyboardInterrupt:
+        print(f"torchrepro {args.subcommand}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (TorchreproError, OSError, ValueError, TypeError, RecursionError, MemoryError) as exc:
         if os.environ.get("TORCHREPRO_DEBUG") == "1":
             raise
         return _error(args.subcommand, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a bug: one line, and how to see more
+        if os.environ.get("TORCHREPRO_DEBUG") == "1":
+            raise
+        return _error(
+            args.subcommand,
+            f"internal error {type(exc).__name__}: {exc} (a bug in torchrepro; "
+            "TORCHREPRO_DEBUG=1 shows the traceback)",
+        )

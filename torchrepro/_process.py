@@ -228,11 +228,13 @@ def run_in_group(
                 tick()
             time.sleep(pause)
             pause = min(pause * 2, 0.1)  # quick commands end quickly; long ones poll 10x/s
+        # The leader is not reaped yet, so its group id cannot have been reused: kill what
+        # it left behind (`cmd &`, orphaned workers), then reap it.
+        _signal_group(proc.pid, signal.SIGKILL)
+        return Finished(proc.wait())
     except BaseException as exc:
         _stop(proc, _signal_for(exc), grace)
         raise
-    _signal_group(proc.pid, signal.SIGKILL)  # what it left behind (`cmd &`, orphaned workers)
-    return Finished(proc.wait())
 
 
 def tail(path: Path, lines: int = 20, max_bytes: int = TAIL_BYTES) -> str:
