@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import torchrepro._process
 from torchrepro._cli import main
-from torchrepro._process import run_in_group, tail
+from torchrepro._process import Finished, run_in_group, tail
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; signals and groups are POSIX"
@@ -204,3 +205,31 @@ def test_tail_reads_only_the_end_of_a_huge_log(tmp_path):
         tracemalloc.stop()
     assert text.splitlines() == [f"line {i}" for i in range(80, 100)]
     assert peak < 4 * 2**20
+
+
+def test_check_interrupted_also_stops_descendants_in_other_sessions(tmp_path):
+    # torchrun starts each worker in a session of its own, out of reach of a group signal.
+    command = f"setsid sleep 1000 & echo $! > {tmp_path}/sleep.pid; wait"
+    proc = subprocess.Popen(
+        [*CLI, "check", "--", "bash", "-c", command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    [sleeper] = _pids(tmp_path / "sleep.pid")
+    assert _wait_for(lambda: _alive(sleeper) and os.getsid(sleeper) == sleeper, 10)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert _wait_for(lambda: not _alive(sleeper), 10)
+
+
+def test_run_in_group_kills_what_the_command_left_in_another_session(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchrepro._process, "LOOK_EVERY_S", 0.2)
+    command = f"setsid sleep 1000 & echo $! > {tmp_path}/sleep.pid; sleep 1"
+    finished = run_in_group(
+        ["bash", "-c", command], dict(os.environ), stdout=tmp_path / "o", stderr=tmp_path / "e"
+    )
+    assert finished == Finished(0)
+    [sleeper] = _pids(tmp_path / "sleep.pid")
+    assert _wait_for(lambda: not _alive(sleeper), 10)

@@ -39,6 +39,9 @@ __all__ = [
 
 # Seconds a run's processes get to exit after the forwarded signal, before SIGKILL.
 GRACE_S = 5.0
+# Seconds between looks for a run's descendants in other sessions (a /proc scan: ~0.05 ms
+# per process on the machine).
+LOOK_EVERY_S = 5.0
 # The most of a log :func:`tail` reads, whatever the log's size.
 TAIL_BYTES = 64 * 1024
 
@@ -162,16 +165,80 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def _stop(proc: subprocess.Popen[bytes], signum: int, grace: float) -> None:
-    """Send ``signum`` to the run's group, give it ``grace`` seconds, then SIGKILL the group."""
-    _signal_group(proc.pid, signum)
-    deadline = time.monotonic() + grace
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of ``pid`` from ``/proc``; None when gone or no /proc."""
     try:
-        while not _exited(proc) and time.monotonic() < deadline and not _hurry.is_set():
-            time.sleep(0.02)
-    finally:  # also when a second Ctrl-C cuts the grace short
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return fields[0].decode(), int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """``{pid: start time}`` of every process below ``root``, in any session (Linux only).
+
+    torchrun starts each worker in a session of its own, out of reach of a group signal.
+    """
+    try:
+        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return {}
+    children: dict[int, list[tuple[int, int]]] = {}
+    for pid in entries:
+        info = _stat(pid)
+        if info is not None:
+            children.setdefault(info[1], []).append((pid, info[2]))
+    found: dict[int, int] = {}
+    stack = [root]
+    while stack:
+        for pid, start in children.get(stack.pop(), []):
+            if pid not in found:
+                found[pid] = start
+                stack.append(pid)
+    return found
+
+
+class _Group:
+    """A running command: its process group, and every descendant seen (pid -> start time)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.seen: dict[int, int] = {}
+        self.look()
+
+    def look(self) -> None:
+        if not _exited(self.proc):
+            self.seen.update(_descendants(self.proc.pid))
+
+    def _alive(self) -> list[int]:
+        alive = []
+        for pid, start in self.seen.items():
+            info = _stat(pid)
+            if info is not None and info[2] == start and info[0] not in ("Z", "X"):
+                alive.append(pid)  # the same process (not a reused pid), not a zombie
+        return alive
+
+    def kill(self) -> None:
+        """SIGKILL the group and every descendant seen that still runs; reap the leader."""
+        _signal_group(self.proc.pid, signal.SIGKILL)  # the leader is unreaped: the id is ours
+        for pid in self._alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, signum: int, grace: float) -> None:
+        """``signum`` to the group; after ``grace`` seconds (or a second signal), :meth:`kill`."""
+        self.look()
+        _signal_group(self.proc.pid, signum)
+        deadline = time.monotonic() + grace
+        try:
+            while time.monotonic() < deadline and not _hurry.is_set():
+                if _exited(self.proc) and not self._alive():
+                    break
+                time.sleep(0.02)
+        finally:  # also when a second Ctrl-C cuts the grace short
+            self.kill()
 
 
 def _signal_for(exc: BaseException) -> int:
@@ -195,12 +262,13 @@ def run_in_group(
     """Run ``command`` in a new session and process group; leave nothing of it running.
 
     Output is appended to ``stdout`` and ``stderr``; stdin is ``/dev/null``. When the
-    command exits, whatever it left running in its group is killed. After ``timeout``
-    seconds the group gets SIGTERM, then SIGKILL ``grace`` seconds later. If this process
-    is interrupted meanwhile (``KeyboardInterrupt``, :class:`SignalInterrupt`, any exception),
-    the group gets the same signal (SIGINT, SIGTERM, SIGHUP; SIGTERM otherwise), then
-    SIGKILL after ``grace``, and the exception propagates. ``tick`` is called about once
-    a second while the command runs.
+    command exits, whatever it left running is killed: its process group, and on Linux
+    every descendant seen meanwhile (looked for every :data:`LOOK_EVERY_S`), in whatever session
+    (torchrun's workers have their own). After ``timeout`` seconds the group gets SIGTERM,
+    then all of it SIGKILL ``grace`` seconds later. If this process is interrupted
+    meanwhile (``KeyboardInterrupt``, :class:`SignalInterrupt`, any exception), the group
+    gets the same signal (SIGINT, SIGTERM, SIGHUP; SIGTERM otherwise), then SIGKILL after
+    ``grace``, and the exception propagates. ``tick`` is called about once a second.
 
     Raises:
         OSError: the command cannot be started (missing, not executable).
@@ -214,26 +282,28 @@ def run_in_group(
             stderr=err,
             start_new_session=True,
         )
+    group = _Group(proc)
     try:
         deadline = None if timeout is None else time.monotonic() + timeout
-        next_tick = time.monotonic() + 1.0
+        next_tick = next_look = time.monotonic() + 1.0
         pause = 0.001
         while not _exited(proc):
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                _stop(proc, signal.SIGTERM, grace)
+                group.stop(signal.SIGTERM, grace)
                 return Finished(proc.returncode, timed_out=True)
+            if now >= next_look:
+                next_look = now + LOOK_EVERY_S
+                group.look()
             if tick is not None and now >= next_tick:
                 next_tick = now + 1.0
                 tick()
             time.sleep(pause)
             pause = min(pause * 2, 0.1)  # quick commands end quickly; long ones poll 10x/s
-        # The leader is not reaped yet, so its group id cannot have been reused: kill what
-        # it left behind (`cmd &`, orphaned workers), then reap it.
-        _signal_group(proc.pid, signal.SIGKILL)
-        return Finished(proc.wait())
+        group.kill()  # what it left behind (`cmd &`, orphaned workers)
+        return Finished(proc.returncode)
     except BaseException as exc:
-        _stop(proc, _signal_for(exc), grace)
+        group.stop(_signal_for(exc), grace)
         raise
 
 
