@@ -233,3 +233,28 @@ def test_run_in_group_kills_what_the_command_left_in_another_session(tmp_path, m
     assert finished == Finished(0)
     [sleeper] = _pids(tmp_path / "sleep.pid")
     assert _wait_for(lambda: not _alive(sleeper), 10)
+
+
+def test_check_under_nohup_ignores_a_hangup(tmp_path):
+    proc = subprocess.Popen(
+        [
+            "nohup",
+            *CLI,
+            "check",
+            "--runs",
+            "1",
+            "--",
+            "bash",
+            "-c",
+            f"touch {tmp_path}/go; sleep 2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert _wait_for((tmp_path / "go").exists)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err  # the run finished (and recorded no trace)
+    assert "recorded no trace" in out

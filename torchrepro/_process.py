@@ -71,7 +71,8 @@ def raise_on_signals() -> Iterator[None]:
 
     SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP raise :class:`SignalInterrupt`. A
     later signal raises nothing (so cleanup is not interrupted half-way) but ends the grace
-    period of :func:`run_in_group`'s stop at once. Outside the main thread it does nothing.
+    period of :func:`run_in_group`'s stop at once. A signal already ignored (``nohup``, a
+    shell's background job) stays ignored. Outside the main thread it does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -90,7 +91,9 @@ def raise_on_signals() -> Iterator[None]:
 
     _hurry.clear()
     previous = {
-        s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        s: signal.signal(s, handler)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(s) != signal.SIG_IGN  # under nohup, or a shell's background job
     }
     try:
         yield
@@ -126,10 +129,15 @@ def run_foreground(command: Sequence[str], env: dict[str, str]) -> int:
     previous: dict[int, signal._HANDLER] = {}
     if threading.current_thread() is threading.main_thread():
         # Python-level handlers, not SIG_IGN: exec resets caught signals to their default
-        # in the child, while an ignored one would stay ignored there.
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, wait_only)
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward)
+        # in the child, while an ignored one would stay ignored there. A signal ignored
+        # already (nohup, a shell's background job) stays ignored, for the child too.
+        for sig, handler in (
+            (signal.SIGINT, wait_only),
+            (signal.SIGTERM, forward),
+            (signal.SIGHUP, forward),
+        ):
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
     try:
         if early:  # interrupted before starting: do not start
             return 128 + early[0]
