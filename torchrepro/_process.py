@@ -293,7 +293,7 @@ def run_in_group(
     group = _Group(proc)
     try:
         deadline = None if timeout is None else time.monotonic() + timeout
-        next_tick = next_look = time.monotonic() + 1.0
+        next_tick, next_look = time.monotonic() + 1.0, time.monotonic() + LOOK_EVERY_S
         pause = 0.001
         while not _exited(proc):
             now = time.monotonic()
