@@ -314,24 +314,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
+        usage="%(prog)s [--seed N] -- CMD ...",
         help="run a command with PYTHONHASHSEED and CUBLAS_WORKSPACE_CONFIG fixed",
         description="Run CMD with PYTHONHASHSEED (0, or the seed) and CUBLAS_WORKSPACE_CONFIG=:4096:8 set "
-        "before Python starts; with --seed also TORCHREPRO_SEED. Exits with CMD's status.",
+        "before Python starts; with --seed also TORCHREPRO_SEED. Ctrl-C reaches CMD from the terminal "
+        "(run only waits); SIGTERM and SIGHUP are passed on to it. Exits with CMD's status "
+        "(128 + N when signal N killed it).",
     )
     run.add_argument("--seed", type=_seed_arg, help="seed for TORCHREPRO_SEED and PYTHONHASHSEED")
-    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    run.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command, after --"
+    )
     run.set_defaults(func=_cmd_run, parser=run)
 
     check = sub.add_parser(
         "check",
+        usage="%(prog)s [options] -- CMD ...",
         help="run a training command several ways and name the first step and tensor where runs diverge",
         description="Run CMD --runs times, once more per further value of each --vary, and with "
         "--resume-at K once stopped at step K and resumed in a fresh process; compare the traces "
-        "(torchrepro.Trace) bitwise. Exit 0: identical; 1: diverged; 2: usage error or a failed run.",
+        "(torchrepro.Trace) bitwise. Each run starts in a session of its own; nothing it started "
+        "outlives it. Exit 0: identical; 1: diverged; 2: usage error or a failed run; "
+        "128 + N: stopped by signal N.",
     )
     check.add_argument(
         "--runs",
         type=_runs,
+        metavar="N",
         default=2,
         help=f"runs with the base settings (default 2, at most {MAX_RUNS})",
     )
@@ -361,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=_seed_arg, help="TORCHREPRO_SEED for every run (default: yours, or 0)"
     )
     check.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    check.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    check.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command, after --"
+    )
     check.set_defaults(func=_cmd_check, parser=check)
     return parser
 
