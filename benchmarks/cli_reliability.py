@@ -38,8 +38,8 @@ RSS_LIMIT_KIB = 3 << 20
 SAVER = """
 import os, sys, time
 out, ready = sys.argv[1], sys.argv[2]
-open(ready, "w").close()
 try:
+    open(ready, "w").close()  # inside the try: a signal right after it is handled too
     time.sleep(120)
 except KeyboardInterrupt:
     with open(out + ".tmp", "w") as f:
@@ -260,6 +260,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--stderr-mib", type=int, default=1024)
+    parser.add_argument("--only", default="", help="run the cases whose label contains this")
     args = parser.parse_args()
     import torchrepro
 
@@ -292,6 +293,8 @@ def main() -> None:
             ("env --diff, 8 hostile files", lambda: hostile_fingerprints(tmp)),
         ]
         for label, case in cases:
+            if args.only not in label:
+                continue
             print(f"  {label} ...", file=sys.stderr, flush=True)
             try:
                 rows.append([label, case()])

@@ -54,8 +54,8 @@ def _pids(*files: Path) -> list[int]:
 SAVER = """
 import os, sys, time
 out, ready = sys.argv[1], sys.argv[2]
-open(ready, "w").close()
 try:
+    open(ready, "w").close()  # inside the try: a signal right after it is handled too
     time.sleep(120)
 except KeyboardInterrupt:  # save slowly, as a big checkpoint would
     with open(out + ".tmp", "w") as f:
