@@ -177,6 +177,8 @@ class _StepCounter:
     def __call__(self) -> int:
         try:
             with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:  # rewritten: count afresh
+                    self.offset = self.lines = 0
                 f.seek(self.offset)
                 data = f.read()
         except OSError:
