@@ -162,6 +162,8 @@ class Finished:
 
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
     """Whether ``proc`` has exited, without reaping it (so its process group id stays taken)."""
+    if not hasattr(os, "waitid"):  # then reaped at once: a group id reused within
+        return proc.poll() is not None  # microseconds could be hit; Linux never gets here
     try:
         return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # already reaped
