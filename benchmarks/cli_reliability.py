@@ -84,30 +84,37 @@ def _pids(*files: Path) -> list[int]:
     return [int(f.read_text()) for f in files]
 
 
-def _start(args: list[str], **kwargs: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def _start(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    """Start the CLI; its output goes to a file (a pipe would stay open in a leftover child)."""
+    output = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _finish)
+    proc = subprocess.Popen(
         [*CLI, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
+        stdout=output,
+        stderr=subprocess.STDOUT,
         **kwargs,  # type: ignore[call-overload]
     )
+    proc.output = output  # type: ignore[attr-defined]
+    return proc  # type: ignore[no-any-return]
 
 
-def _finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int | str, str]:
+def _finish(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int | str, str]:
     """The exit status (or "killed: ..." past the time or memory limit) and the output."""
-    peak, deadline = 0, time.monotonic() + timeout
-    while proc.poll() is None:
+    peak, start = 0, time.monotonic()
+    status: int | str | None = None
+    while (status := proc.poll()) is None:
         peak = max(peak, _rss_kib(proc.pid))
-        if peak > RSS_LIMIT_KIB or time.monotonic() > deadline:
+        if peak > RSS_LIMIT_KIB or time.monotonic() - start > timeout:
             proc.kill()
-            out, err = proc.communicate()
+            proc.wait()
             why = f"past {RSS_LIMIT_KIB >> 20} GiB RSS" if peak > RSS_LIMIT_KIB else "timed out"
-            return f"killed ({why} after {timeout - deadline + time.monotonic():.0f} s)", out + err
+            status = f"killed ({why} after {time.monotonic() - start:.0f} s)"
+            break
         time.sleep(0.05)
-    out, err = proc.communicate()
-    return proc.returncode, out + err
+    output = proc.output  # type: ignore[attr-defined]
+    output.seek(0)
+    text = output.read().decode("utf-8", errors="replace")
+    output.close()
+    return status, text
 
 
 def ctrl_c_under_run(tmp: Path, trials: int) -> str:

@@ -51,6 +51,21 @@ def _pids(*files: Path) -> list[int]:
     return [int(f.read_text()) for f in files]
 
 
+@pytest.fixture(autouse=True)
+def _no_leftovers(tmp_path: Path):
+    """After a test, even a failed one, kill what its commands recorded and left running."""
+    yield
+    for pid_file in tmp_path.rglob("*.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                ours = b"sleep" in f.read()  # the commands these tests start
+        except (OSError, ValueError):
+            continue
+        if ours and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 SAVER = """
 import os, sys, time
 out, ready = sys.argv[1], sys.argv[2]
@@ -82,7 +97,7 @@ def test_run_lets_the_command_finish_its_save_after_ctrl_c(tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
 def test_run_forwards_a_schedulers_signal_and_exits_with_the_childs_status(tmp_path, signum):
-    pid_file = tmp_path / "pid"
+    pid_file = tmp_path / "child.pid"
     code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     proc = subprocess.Popen([*CLI, "run", "--", sys.executable, "-c", code])
     [child] = _pids(pid_file)
@@ -92,7 +107,7 @@ def test_run_forwards_a_schedulers_signal_and_exits_with_the_childs_status(tmp_p
 
 
 def test_run_passes_a_handled_signal_on_and_the_childs_own_status(tmp_path):
-    pid_file = tmp_path / "pid"
+    pid_file = tmp_path / "child.pid"
     code = (
         "import os, signal, sys, time\n"
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(5))\n"
