@@ -94,6 +94,8 @@ fi
 log="$LOGS/gpu_determinism.log"
 if [ "$device" = cpu ]; then
     summarise "gpu_determinism" SKIP "needs CUDA (its CPU smoke mode runs in tests/test_benchmarks.py)"
+elif [ "$(left)" -lt 30 ]; then  # (`timeout 0` would mean no limit at all)
+    summarise "gpu_determinism" TIMEOUT "not started: $(left) s left of ${TOTAL_S} s"
 else
     run_part "gpu_determinism" "$(left)" "$log" "$PYTHON" benchmarks/gpu_determinism.py
     models=$(grep -cE '^\| two ' "$log")
