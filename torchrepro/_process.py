@@ -47,6 +47,10 @@ TAIL_BYTES = 64 * 1024
 
 # Set by a second signal under raise_on_signals(): stop waiting, kill now.
 _hurry = threading.Event()
+# While a command is being started (no handle on it yet), raise_on_signals() keeps the
+# exception it would raise here, to be raised once the command can be stopped.
+_held: list[BaseException] = []
+_holding = False
 
 
 class SignalInterrupt(BaseException):  # like KeyboardInterrupt: not an error
@@ -85,11 +89,14 @@ def raise_on_signals() -> Iterator[None]:
             _hurry.set()
             return
         raised = True
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SignalInterrupt(signum)
+        exc = KeyboardInterrupt() if signum == signal.SIGINT else SignalInterrupt(signum)
+        if _holding:
+            _held.append(exc)
+            return
+        raise exc
 
     _hurry.clear()
+    _held.clear()
     previous = {
         s: signal.signal(s, handler)
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -215,7 +222,6 @@ class _Group:
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
         self.seen: dict[int, int] = {}
-        self.look()
 
     def look(self) -> None:
         if not _exited(self.proc):
@@ -283,17 +289,25 @@ def run_in_group(
     Raises:
         OSError: the command cannot be started (missing, not executable).
     """
-    with open(stdout, "ab") as out, open(stderr, "ab") as err:
-        proc = subprocess.Popen(
-            list(command),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-        )
-    group = _Group(proc)
+    global _holding
+    _holding = True  # an interrupt inside Popen would lose the child: hold it until `try`
     try:
+        with open(stdout, "ab") as out, open(stderr, "ab") as err:
+            proc = subprocess.Popen(
+                list(command),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        group = _Group(proc)
+    finally:
+        _holding = False
+    try:
+        if _held:
+            raise _held.pop()
+        group.look()
         deadline = None if timeout is None else time.monotonic() + timeout
         next_tick, next_look = time.monotonic() + 1.0, time.monotonic() + LOOK_EVERY_S
         pause = 0.001
