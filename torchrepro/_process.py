@@ -75,8 +75,10 @@ def raise_on_signals() -> Iterator[None]:
 
     SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP raise :class:`SignalInterrupt`. A
     later signal raises nothing (so cleanup is not interrupted half-way) but ends the grace
-    period of :func:`run_in_group`'s stop at once. A signal already ignored (``nohup``, a
-    shell's background job) stays ignored. Outside the main thread it does nothing.
+    period of :func:`run_in_group`'s stop at once. While :func:`run_in_group` starts a
+    command, the exception is held and raised once the command can be stopped. A signal
+    already ignored (``nohup``, a shell's background job) stays ignored. Outside the main
+    thread it does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
