@@ -138,3 +138,27 @@ def run_python(tmp_path: Path) -> Any:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "rng_changes: the test changes global RNG state on purpose")
+    config.addinivalue_line(
+        "markers",
+        "cuda: needs or concerns CUDA; skipped without a GPU when marked explicitly; "
+        "`pytest -m cuda` (benchmarks/gpu_check.sh) runs them all",
+    )
+
+
+def _concerns_cuda(item: pytest.Item) -> bool:
+    """A test `-m cuda` selects without an explicit mark: CUDA in its name or its skip reason."""
+    if "cuda" in item.name.lower():
+        return True
+    return any(
+        "cuda" in str(mark.kwargs.get("reason", "")).lower() for mark in item.iter_markers("skipif")
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_gpu = pytest.mark.skip(reason="needs CUDA (none available)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            if not torch.cuda.is_available():
+                item.add_marker(no_gpu)
+        elif _concerns_cuda(item):
+            item.add_marker(pytest.mark.cuda)

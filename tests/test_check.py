@@ -96,7 +96,7 @@ def test_resume_step_beyond_the_run_is_an_error(tmp_path):
     ("args", "message"),
     [
         (["--vary", "num_workers"], "--vary must look like NAME=V1,V2"),
-        (["--runs", "0"], "must be an integer >= 1"),
+        (["--runs", "0"], "must be an integer in [1, 100]"),
         (["--resume-at", "x"], "must be an integer >= 1"),
     ],
 )

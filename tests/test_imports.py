@@ -71,6 +71,7 @@ VERIFICATION = {
     "_trace",
     "_compare",
     "_audit",
+    "_process",
     "_check",
     "_localize",
     "_explain",

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
+import signal
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,13 @@ from ._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
 from ._errors import CheckpointError, TraceError
 from ._explain import Explanation, explain
 from ._localize import CAPTURE_SUFFIX, Localization, compare_captures, read_capture
+from ._process import run_in_group, tail
 from ._seed import derive_seed, seed_from_env
 
 __all__ = ["CheckReport", "RunResult", "RunSpec", "plan_runs", "run_check", "run_environment"]
+
+# The most runs --runs asks for (each is a full training run; more is a typo).
+MAX_RUNS = 100
 
 # --vary names with a meaning of their own; any other NAME sets the environment variable NAME.
 VARY_ALIASES = {"num_workers": _envvars.NUM_WORKERS, "seed": _envvars.SEED}
@@ -230,8 +233,8 @@ def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None)
         ValueError: ``runs`` < 1, a malformed ``--vary`` or one of a variable the checker
             sets, ``resume_at`` < 1, or a plan that compares nothing (``runs=1`` alone).
     """
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"--runs must be an integer >= 1, got {runs!r}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_RUNS:
+        raise ValueError(f"--runs must be an integer in [1, {MAX_RUNS}], got {runs!r}")
     if resume_at is not None and (isinstance(resume_at, bool) or resume_at < 1):
         raise ValueError(f"--resume-at must be a step >= 1, got {resume_at!r}")
     parsed = _parse_vary(vary)
@@ -258,20 +261,39 @@ def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None)
     return specs
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+class _StepCounter:
+    """Counts a growing trace's step records, reading only what was appended since last time.
+
+    Header lines (one per writing process: a resumed run appends its own) are not steps.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.steps = path, 0, 0
+
+    def __call__(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:  # rewritten: count afresh
+                    self.offset = self.steps = 0
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return 0
+        end = data.rfind(b"\n") + 1  # whole lines only; a partial one is read next time
+        lines = data[:end].split(b"\n")
+        self.offset += end
+        self.steps += sum(1 for line in lines if line.startswith(b'{"step"'))
+        return self.steps
 
 
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.startswith(b'{"step"'))  # not the headers
-    except OSError:
-        return 0
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with status {code}"
 
 
 def _steps_saved(path: Path) -> int | None:
@@ -292,27 +314,34 @@ def _run_process(
     label: str,
     trace: Path,
     progress: Progress | None,
-) -> int:
-    with open(directory / "stdout.log", "ab") as out, open(directory / "stderr.log", "ab") as err:
-        proc = subprocess.Popen(list(command), env=env, stdout=out, stderr=err)
-        stop = threading.Event()
+    timeout: float | None,
+) -> tuple[int, str | None]:
+    """Run one process of a run; its exit status, and why it failed to start or finish."""
+    steps = _StepCounter(trace)
 
-        def report() -> None:
-            while not stop.wait(1.0):
-                if progress is not None:
-                    progress(f"{label}: {_count_lines(trace)} steps")
+    def tick() -> None:
+        if progress is not None:
+            progress(f"{label}: {steps()} steps")
 
-        watcher = threading.Thread(target=report, daemon=True)
-        watcher.start()
-        try:
-            return proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            stop.set()
-            watcher.join()
+    try:
+        finished = run_in_group(
+            command,
+            env,
+            stdout=directory / "stdout.log",
+            stderr=directory / "stderr.log",
+            timeout=timeout,
+            tick=tick,
+        )
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        return 127 if isinstance(exc, FileNotFoundError) else 126, (
+            f"could not start {command[0]!r}: {reason}; check the command after --"
+        )
+    if finished.timed_out:
+        return finished.returncode, (
+            f"did not finish within --timeout {timeout:g} s; it was stopped (SIGTERM, then SIGKILL)"
+        )
+    return finished.returncode, None
 
 
 def _execute(
@@ -321,10 +350,20 @@ def _execute(
     directory: Path,
     base_env: dict[str, str],
     progress: Progress | None,
+    *,
+    timeout: float | None = None,
 ) -> RunResult:
-    if directory.exists():
-        shutil.rmtree(directory)  # never a stale trace or checkpoint
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    if any(directory.iterdir()):  # checked before the first run too; never delete it
+        return RunResult(
+            spec,
+            0,
+            None,
+            "",
+            directory,
+            f"was not started: {directory} is not empty (torchrepro never deletes what it did "
+            "not create)",
+        )
     trace_path, ckpt_path = directory / "trace.jsonl", directory / "checkpoint.pt"
     env = {
         **base_env,
@@ -334,19 +373,27 @@ def _execute(
     }
     env.pop(_envvars.STOP_AT, None)
 
-    def run(run_env: dict[str, str]) -> tuple[int, str]:
-        code = _run_process(
-            command, run_env, directory, label=spec.name, trace=trace_path, progress=progress
+    def run(run_env: dict[str, str]) -> tuple[int, str, str | None]:
+        code, problem = _run_process(
+            command,
+            run_env,
+            directory,
+            label=spec.name,
+            trace=trace_path,
+            progress=progress,
+            timeout=timeout,
         )
-        return code, _tail(directory / "stderr.log")
+        return code, tail(directory / "stderr.log"), problem
 
-    def failed(code: int, tail: str, message: str) -> RunResult:
-        return RunResult(spec, code, None, tail, directory, message)
+    def failed(code: int, stderr_tail: str, message: str) -> RunResult:
+        return RunResult(spec, code, None, stderr_tail, directory, message)
 
     if spec.resume_at is not None:
-        code, tail = run({**env, _envvars.STOP_AT: str(spec.resume_at)})
+        code, last, problem = run({**env, _envvars.STOP_AT: str(spec.resume_at)})
+        if problem is not None:
+            return failed(code, last, f"(the part stopped at step {spec.resume_at}) {problem}")
         if code != 0:
-            return failed(code, tail, "the stopped run failed")
+            return failed(code, last, "the stopped run failed")
         if not ckpt_path.exists():
             return failed(
                 code,
@@ -363,28 +410,54 @@ def _execute(
                 f"ended before step {spec.resume_at}; choose a step the run reaches",
             )
         env = {**env, **spec.resume_env}
-    code, tail = run(env)
+    code, last, problem = run(env)
+    if problem is not None:
+        return failed(code, last, problem)
     if code != 0:
-        return failed(code, tail, f"exited with status {code}")
+        return failed(code, last, _exit_reason(code))
     if not trace_path.exists():
         return failed(
             code,
-            tail,
+            last,
             "recorded no trace: add `trace = torchrepro.Trace()` and call `trace.step(loss=loss, model=model)` "
             "once per training step (it writes to TORCHREPRO_TRACE)",
         )
     try:
         trace = read_trace(trace_path)
     except TraceError as exc:
-        return failed(code, tail, f"unreadable trace: {exc}")
+        return failed(code, last, f"unreadable trace: {exc}")
     if not trace.records:
-        return failed(code, tail, "its trace has no steps: call trace.step() each step")
+        return failed(code, last, "its trace has no steps: call trace.step() each step")
     problem = _missing_steps(trace)
     if problem is None and spec.resume_at is not None:
         problem = _resume_problem(spec.resume_at, trace)
     if problem is not None:
-        return RunResult(spec, code, trace, tail, directory, problem)
-    return RunResult(spec, code, trace, tail, directory)
+        return RunResult(spec, code, trace, last, directory, problem)
+    return RunResult(spec, code, trace, last, directory)
+
+
+def _keep_root(root: Path, count: int) -> Path:
+    """``root`` for ``--keep``, created if needed; refuses what a check would overwrite."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(
+            f"--keep {str(root)!r} exists and is not a directory; give a directory"
+        ) from None
+    except OSError as exc:
+        raise ValueError(
+            f"--keep {str(root)!r}: cannot create this directory ({exc.strerror or exc}); "
+            "give a writable place"
+        ) from None
+    for index in range(1, count + 1):
+        run = root / f"run{index}"
+        if run.is_symlink() or (run.exists() and (not run.is_dir() or any(run.iterdir()))):
+            raise ValueError(
+                f"--keep {str(root)!r} already holds {run.name!r} (not an empty directory); "
+                "torchrepro check never deletes what it did not create: give a new or empty "
+                "directory, or remove the old runs yourself"
+            )
+    return root
 
 
 def _missing_steps(trace: TraceData) -> str | None:
@@ -460,6 +533,7 @@ def run_check(
     seed: int | None = None,
     progress: Progress | None = None,
     localize: bool | None = None,
+    timeout: float | None = None,
 ) -> CheckReport:
     """Run ``command`` several ways and compare every trace with the first.
 
@@ -474,13 +548,21 @@ def run_check(
         runs: runs with the base environment.
         vary: ``"NAME=V1,V2,..."`` items (see :func:`plan_runs`).
         resume_at: add a run stopped at this step and resumed in a second process.
-        keep: keep traces and logs in this directory (else a temporary one is removed).
+        keep: keep traces and logs in this directory, in ``run1``, ``run2``, ... (else
+            in a temporary directory, always removed). Existing ``runN`` entries that are
+            not empty directories are refused, never deleted.
         seed: the seed for every run.
         progress: called with a short status line while runs proceed.
         localize: on divergence, re-run the two diverging configurations for the first
             divergent step with per-module checksums (see :func:`_localize_divergence`).
             None: only when the batch was identical and the re-run is at most one
             checkpoint interval; True: always; False: never.
+        timeout: seconds each process of a run may take; then it is stopped (SIGTERM,
+            SIGKILL 5 s later) and the check fails naming the run.
+
+    Each run's process starts in a session of its own: whatever it leaves running is
+    killed when it exits, and an exception here (``KeyboardInterrupt``, or SIGTERM turned
+    into one by :func:`torchrepro._process.raise_on_signals`) stops the whole group first.
 
     Returns:
         A :class:`CheckReport`; it stops at the first failed run, and at the first run
@@ -491,7 +573,8 @@ def run_check(
         stops after run 1.
 
     Raises:
-        ValueError: bad ``runs``, ``vary`` or ``resume_at``; an empty command.
+        ValueError: bad ``runs``, ``vary``, ``resume_at`` or ``timeout``; an empty command;
+            a ``keep`` that is a file, cannot be created or holds a non-empty ``runN``.
     """
     if not command:
         raise ValueError("command must not be empty")
@@ -500,9 +583,17 @@ def run_check(
         from_env = seed_from_env()
         seed = 0 if from_env is None else from_env
     base_env = run_environment(seed)
-    root = Path(keep) if keep is not None else Path(tempfile.mkdtemp(prefix="torchrepro-check-"))
-    root.mkdir(parents=True, exist_ok=True)
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < float("inf")
+    ):
+        raise ValueError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
+    if keep is not None:
+        root = _keep_root(Path(keep), len(specs))
     results: list[RunResult] = []
+    if keep is None:
+        root = Path(tempfile.mkdtemp(prefix="torchrepro-check-"))
     comparisons: list[Comparison] = []
     notes: list[str] = []
     try:
@@ -510,7 +601,9 @@ def run_check(
             if progress is not None:
                 progress(f"run {index + 1}/{len(specs)}: {spec.name}")
             env = {**base_env, _envvars.KEEP_CHECKPOINTS: "1"} if index == 0 else base_env
-            result = _execute(command, spec, root / f"run{index + 1}", env, progress)
+            result = _execute(
+                command, spec, root / f"run{index + 1}", env, progress, timeout=timeout
+            )
             results.append(result)
             if result.error is not None:
                 return CheckReport(results, comparisons, f'run "{spec.name}" {result.error}')
@@ -557,7 +650,15 @@ def run_check(
             if r.trace is not None
         ]
         if localize is not False and report.unexpected:
-            _localize_divergence(report, command, base_env, root, force=localize, progress=progress)
+            _localize_divergence(
+                report,
+                command,
+                base_env,
+                root,
+                force=localize,
+                progress=progress,
+                timeout=timeout,
+            )
         return report
     finally:
         if keep is None:
@@ -582,6 +683,7 @@ def _localize_divergence(
     *,
     force: bool | None,
     progress: Progress | None,
+    timeout: float | None = None,
 ) -> None:
     """Name the first module whose output or gradient differs at the first divergent step N.
 
@@ -625,9 +727,13 @@ def _localize_divergence(
         if spec.resume_at is not None and step > spec.resume_at:
             env.update(spec.resume_env)
         directory = root / f"localize{index + 1}"
-        if directory.exists():
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            report.localization_note = (
+                f"not localized: {directory} already exists and is not empty (torchrepro never "
+                "deletes what it did not create)"
+            )
+            return
+        directory.mkdir(parents=True, exist_ok=True)
         trace = directory / "trace.jsonl"
         if start:  # the checkpoint and the trace it continues (cut back to its step on resume)
             shutil.copyfile(kept[start], directory / "checkpoint.pt")
@@ -644,12 +750,20 @@ def _localize_divergence(
         label = f"localize {spec.name}: steps {start + 1}..{step}"
         if progress is not None:
             progress(label)
-        code = _run_process(
-            command, run_env, directory, label=label, trace=trace, progress=progress
+        code, problem = _run_process(
+            command,
+            run_env,
+            directory,
+            label=label,
+            trace=trace,
+            progress=progress,
+            timeout=timeout,
         )
         try:
+            if problem is not None:
+                raise TraceError(problem)
             if code != 0:
-                raise TraceError(f"exited with status {code}: {_tail(directory / 'stderr.log', 5)}")
+                raise TraceError(f"{_exit_reason(code)}: {tail(directory / 'stderr.log', lines=5)}")
             captures.append(read_capture(str(trace) + CAPTURE_SUFFIX))
         except TraceError as exc:
             report.localization_note = f'not localized: the re-run of "{spec.name}" {exc}'
