@@ -180,7 +180,7 @@ def signal_to_check(tmp: Path, signum: int) -> str:
 
 
 def background_job(tmp: Path) -> str:
-    proc = _start(["check", "--runs", "1", "--", "bash", "-c", f"sleep 1000 & echo $! > {tmp}/bg"])
+    proc = _start(["check", "--", "bash", "-c", f"sleep 1000 & echo $! > {tmp}/bg"])
     _finish(proc)
     pids = _pids(tmp / "bg")
     _wait_for(lambda: not any(_alive(p) for p in pids), 5)
@@ -203,7 +203,7 @@ def big_stderr(tmp: Path, mib: int) -> str:
     command = f"echo failed >&2; yes 'a line of stderr output' | head -c {mib << 20} >&2; exit 1"
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [*CLI, "check", "--runs", "1", "--", "bash", "-c", command],
+        [*CLI, "check", "--", "bash", "-c", command],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -51,7 +51,7 @@ def test_options_after_double_dash_belong_to_the_command(tmp_path):
     "args",
     [
         ["check", "--", "/nonexistent/train"],
-        ["check", "--runs", "1", "--", "{not_executable}"],
+        ["check", "--", "{not_executable}"],
     ],
     ids=["missing", "not-executable"],
 )
@@ -89,7 +89,7 @@ def test_keep_never_deletes_existing_runs(tmp_path):
     (keep / "run1").mkdir(parents=True)
     precious = keep / "run1" / "precious.txt"
     precious.write_text("my results")
-    proc = _cli("check", "--runs", "1", "--keep", str(keep), "--", "true")
+    proc = _cli("check", "--keep", str(keep), "--", "true")
     assert proc.returncode == 2
     assert "already holds 'run1'" in proc.stderr and "never deletes" in proc.stderr
     assert "usage:" not in proc.stderr and "Traceback" not in proc.stderr
@@ -106,7 +106,7 @@ def test_keep_that_cannot_be_a_directory(tmp_path, kind):
         keep = tmp_path / "file" / "sub"
         (tmp_path / "file").write_text("a file")  # a parent that is a file
         expected = "cannot create this directory"
-    proc = _cli("check", "--runs", "1", "--keep", str(keep), "--", "true")
+    proc = _cli("check", "--keep", str(keep), "--", "true")
     assert proc.returncode == 2
     assert f"torchrepro check: error: --keep {str(keep)!r}" in proc.stderr
     assert expected in proc.stderr
@@ -123,7 +123,7 @@ def test_a_library_error_is_not_reported_as_a_usage_error(tmp_path):
         '    f.write(\'{"format": "torchrepro-trace", "version": 1}\\n\')\n'
         '    f.write(\'{"step": 1, "entries": [], "x": \' + "9" * 5000 + "}\\n")\n'
     )
-    proc = _cli("check", "--runs", "1", "--", sys.executable, str(script))
+    proc = _cli("check", "--", sys.executable, str(script))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "usage:" not in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -131,7 +131,7 @@ def test_a_library_error_is_not_reported_as_a_usage_error(tmp_path):
 
 def test_check_escapes_control_characters_from_the_commands_stderr():
     code = "import sys; sys.stderr.write('\\x1b]0;owned\\x07\\x1b[2Jcleared\\n'); sys.exit(1)"
-    proc = _cli("check", "--runs", "1", "--", sys.executable, "-c", code)
+    proc = _cli("check", "--", sys.executable, "-c", code)
     assert proc.returncode == 2
     assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
     assert "\\x1b]0;owned\\x07\\x1b[2Jcleared" in proc.stdout

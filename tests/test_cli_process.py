@@ -155,7 +155,7 @@ def test_check_interrupted_stops_every_process_and_removes_its_temp_dir(tmp_path
 def test_check_kills_what_a_run_leaves_in_the_background(tmp_path):
     command = f"sleep 1000 & echo $! > {tmp_path}/sleep.pid"
     proc = subprocess.run(
-        [*CLI, "check", "--runs", "1", "--", "bash", "-c", command],
+        [*CLI, "check", "--", "bash", "-c", command],
         capture_output=True,
         text=True,
         timeout=120,
@@ -256,8 +256,6 @@ def test_check_under_nohup_ignores_a_hangup(tmp_path):
             "nohup",
             *CLI,
             "check",
-            "--runs",
-            "1",
             "--",
             "bash",
             "-c",
