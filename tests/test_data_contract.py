@@ -363,3 +363,15 @@ def test_cuda_started_by_the_dataset_is_warned(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(torch.cuda, "default_generators", ())
     with pytest.warns(TorchreproWarning, match=r"CUDA was initialised while torchrepro"):
         list(DataLoader(StartsCuda(), seed=0))
+
+
+@pytest.mark.parametrize("dataset", [Draws(), Counting()], ids=["map", "iterable"])
+def test_persistent_workers_exit_when_the_loader_is_dropped(dataset: Any) -> None:
+    loader = DataLoader(dataset, batch_size=2, seed=0, num_workers=2, persistent_workers=True)
+    it = iter(loader)
+    next(it)
+    workers = list(it._workers)
+    del it, loader  # no reference cycle may keep the workers alive until a GC pass
+    for worker in workers:
+        worker.join(20)
+        assert not worker.is_alive()
