@@ -309,7 +309,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             unbatched = self._repro_unbatched
             self._repro_batches.source = lambda: order.batches(epoch, start, unbatched)
             per_epoch = order.batches_per_epoch()
-        self._repro_batches.length = len(self) if not self._repro_iterable else 0
+        self._repro_batches.length = per_epoch or 0  # torch's iterator __len__
         inner = self._inner_loader()
         # torch's per-pass draws (worker base seed, a datapipe's shuffle seed) come from
         # the private generator: a function of (seed, epoch).
