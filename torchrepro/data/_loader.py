@@ -288,6 +288,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             check_thread("loading with num_workers=0" if isolate else "the sampler")
         position = self._repro_position
         gen, epoch, start, start_item = position.start_pass()
+        check_epoch(epoch, "the loader's epoch")  # past 2**64 - 1 after the last one ran
         _runinfo.note_loader(self, num_workers=self.num_workers)
         per_epoch: int | None
         count_items = None
