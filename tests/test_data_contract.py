@@ -232,6 +232,8 @@ def test_bad_epochs_are_refused(epoch: Any, error: type[Exception]) -> None:
         loader.set_epoch(epoch)
     loader.set_epoch(2**64 - 1)  # the largest epoch still loads
     assert len(list(loader)) == 8
+    with pytest.raises(ValueError, match=r"the loader's epoch must be an int in .*got 1844674"):
+        iter(loader)
 
 
 # --- threads, NumPy's bit generator, CUDA streams (issue 11) -----------------------------
@@ -363,3 +365,15 @@ def test_cuda_started_by_the_dataset_is_warned(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(torch.cuda, "default_generators", ())
     with pytest.warns(TorchreproWarning, match=r"CUDA was initialised while torchrepro"):
         list(DataLoader(StartsCuda(), seed=0))
+
+
+@pytest.mark.parametrize("dataset", [Draws(), Counting()], ids=["map", "iterable"])
+def test_persistent_workers_exit_when_the_loader_is_dropped(dataset: Any) -> None:
+    loader = DataLoader(dataset, batch_size=2, seed=0, num_workers=2, persistent_workers=True)
+    it = iter(loader)
+    next(it)
+    workers = list(it._workers)
+    del it, loader  # no reference cycle may keep the workers alive until a GC pass
+    for worker in workers:
+        worker.join(20)
+        assert not worker.is_alive()

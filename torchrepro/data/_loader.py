@@ -55,13 +55,13 @@ class _Batches:
 
     def __init__(self) -> None:
         self.source: Callable[[], Iterator[Any]] = lambda: iter(())
-        self.length: Callable[[], int] = lambda: 0
+        self.length = 0  # a number, not the loader's __len__: no cycle keeps workers alive
 
     def __iter__(self) -> Iterator[Any]:
         return self.source()
 
     def __len__(self) -> int:
-        return self.length()
+        return self.length
 
     def __reduce__(self) -> tuple[type[_Batches], tuple[()]]:
         return (_Batches, ())  # set again before each pass
@@ -288,6 +288,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             check_thread("loading with num_workers=0" if isolate else "the sampler")
         position = self._repro_position
         gen, epoch, start, start_item = position.start_pass()
+        check_epoch(epoch, "the loader's epoch")  # past 2**64 - 1 after the last one ran
         _runinfo.note_loader(self, num_workers=self.num_workers)
         per_epoch: int | None
         count_items = None
@@ -309,7 +310,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             unbatched = self._repro_unbatched
             self._repro_batches.source = lambda: order.batches(epoch, start, unbatched)
             per_epoch = order.batches_per_epoch()
-        self._repro_batches.length = self.__len__
+        self._repro_batches.length = per_epoch or 0  # torch's iterator __len__
         inner = self._inner_loader()
         # torch's per-pass draws (worker base seed, a datapipe's shuffle seed) come from
         # the private generator: a function of (seed, epoch).

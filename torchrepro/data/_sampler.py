@@ -12,11 +12,13 @@ length, rank and world size are read when an iteration starts.
 
 **A user's sampler or batch sampler** runs in the main process inside its own RNG
 context: at the start of epoch ``e`` the global RNGs it may draw from (``random``,
-NumPy, torch) are seeded from ``derive_seed(seed, "sampler", e)``, a ``generator``
-attribute it holds (torch's samplers) is reseeded from the same value, and
+NumPy, torch) are seeded from ``(seed, "sampler", e)``, a ``generator`` attribute it
+holds (torch's samplers) is reseeded with ``derive_seed(seed, "sampler", e)``, and
 ``set_epoch(e)`` is called when it has one; every pull from it runs between a save and a
-restore of the caller's RNGs. Its order is therefore a function of (seed, epoch), and a
-resume replays it, skipping the batches already received without loading them.
+restore of the caller's RNGs. Its order is therefore a function of (seed, epoch) — for a
+sampler whose order depends only on those draws and ``set_epoch`` (not on state kept from
+one ``iter()`` to the next) — and a resume replays it, skipping the batches already
+received without loading them.
 
 Batches travel to the loading process as :class:`KeyBatch`: a list of the indices the
 dataset expects, carrying the epoch and how each sample is seeded.

@@ -10,7 +10,7 @@ call of each library is used (about 8 us per sample in all):
 - NumPy: ``np.random.seed(word & 0xFFFFFFFF)``, the fast 32-bit path (2 us, against
   10 us for the full 64 bits). The NumPy stream therefore has 2**32 possible starts;
   streams of samples are independent otherwise, but among ~10**5 samples a pair may
-  share its NumPy stream (birthday bound). ``random`` and torch keep 64 bits;
+  share its NumPy stream (birthday bound). ``random`` keeps 64 bits;
 - torch: ``torch.default_generator.manual_seed`` (1 us; ``torch.manual_seed`` also
   seeds every accelerator and takes ~150 us), with the word's low 63 bits so that
   ``torch.initial_seed()`` stays in torch's int64 range. When CUDA is already initialised
