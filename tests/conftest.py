@@ -81,6 +81,7 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     flags = _flags()
     rng = _rng()
     warned = torchrepro._seed._hash_seed_warned
+    torchrepro._runinfo.clear()  # notes of earlier tests' loaders must not reach this one's trace
     yield
     leaks = []
     if _env() != env:

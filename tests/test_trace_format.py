@@ -180,6 +180,18 @@ def test_loader_batches_are_recorded_without_arguments(tmp_path: Path) -> None:
     assert entries[0][-1]["checksum"] != entries[1][-1]["checksum"]
 
 
+def test_a_step_records_only_the_batch_handed_out_since_the_previous_step(tmp_path: Path) -> None:
+    loader = torchrepro.DataLoader(torch.arange(8.0), batch_size=4, seed=0)
+    trace = Trace(tmp_path / "t")
+    batch = next(iter(loader))
+    trace.step(loss=batch.sum())
+    trace.step(loss=batch.sum())  # no new batch: an earlier step's must not be recorded again
+    trace.close()
+    first, second = (r["entries"] for r in read_trace(tmp_path / "t").records)
+    assert [e["kind"] for e in first] == ["loss", "batch"]
+    assert [e["kind"] for e in second] == ["loss"]
+
+
 def _write(path: Path, text: str | bytes) -> Path:
     if isinstance(text, str):
         text = text.encode()

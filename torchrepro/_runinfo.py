@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["clear", "facts", "last_batch", "note", "note_batch", "note_loader"]
+__all__ = ["clear", "facts", "last_batch", "note", "note_batch", "note_loader", "take_batch"]
 
 _lock = threading.Lock()
 _facts: dict[str, Any] = {}
@@ -53,6 +53,17 @@ def note_batch(batch: object) -> None:
 def last_batch() -> object | None:
     """The batch most recently handed out by a torchrepro loader, or None."""
     return _batch
+
+
+def take_batch() -> object | None:
+    """The batch noted since the last call (then forgotten), or None.
+
+    The trace takes it at each step, so a step that consumed no new batch records none
+    rather than an earlier step's.
+    """
+    global _batch
+    batch, _batch = _batch, None
+    return batch
 
 
 def clear() -> None:

@@ -310,6 +310,9 @@ class Trace:
             OSError: the trace file cannot be written.
         """
         self._step += 1
+        noted = _runinfo.take_batch()  # every step: a step records only its own batch
+        if batch is None:
+            batch = noted
         if self._capture is not None:
             self._capture.after_step(self._step, model, self._resolve())
         if self._file is None or self._step % self._every:
@@ -339,8 +342,6 @@ class Trace:
         checksums = iter(tensor_checksums(present))
         with_norms = not self._traced or self._step % self._norm_every == 0
         norms = iter(tensor_norms(present) if with_norms else [])
-        if batch is None:
-            batch = _runinfo.last_batch()
         entries: list[dict[str, Any]] = []
         for name, kind, t in items:
             if t is None:
