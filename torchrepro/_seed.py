@@ -139,6 +139,30 @@ def _seed_numpy(value: int) -> None:
     np.random.seed([value & 0xFFFFFFFF, value >> 32])
 
 
+def _draw_seed() -> int:
+    """A seed from OS entropy, the same on every rank of a distributed job.
+
+    Every rank draws; rank 0's draw is shared through the process group's store (no
+    device, bounded wait), so all ranks shuffle and initialise alike. Launched with
+    ``WORLD_SIZE`` > 1 but no process group yet, the ranks cannot agree: refuse rather than
+    let each rank train on its own order.
+    """
+    if _dist.is_distributed() and _dist.world_size() > 1:
+        decision, _values = _dist.agree(str(secrets.randbits(32)).encode(), lambda v: v[0])
+        return int(decision)
+    launched = os.environ.get("WORLD_SIZE", "").strip()
+    if launched.isdigit() and int(launched) > 1:
+        raise ValueError(
+            f"seed_everything() has no seed: none was given, {_envvars.SEED} is unset, and this "
+            f"process is one of WORLD_SIZE={launched} ranks with no process group yet, so each "
+            f"rank would draw its own seed and train on its own data order. Set {_envvars.SEED} "
+            f"for the launcher (e.g. `{_envvars.SEED}=0 torchrun ...`), pass seed=, or call "
+            "seed_everything() after torch.distributed.init_process_group() (then every rank "
+            "uses rank 0's drawn seed)"
+        )
+    return secrets.randbits(32)
+
+
 def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
     """Seed Python ``random``, NumPy's global RNG, torch CPU and every CUDA/MPS/XPU device.
 
@@ -154,6 +178,7 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
         seed: an int in ``[0, 2**64 - 1]``. ``None`` reads ``TORCHREPRO_SEED``; if that is
             unset, a seed is drawn from OS entropy and logged at WARNING level
             (the ``torchrepro`` logger: printed to stderr unless logging is configured).
+            Under torch.distributed every rank gets rank 0's draw (call it on every rank).
         per_rank: mix the torch.distributed global rank (or ``RANK``) into the streams,
             so each rank draws differently (dropout). The default keeps every rank's
             streams identical, so model initialisation agrees across ranks.
@@ -163,7 +188,8 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
 
     Raises:
         TypeError, ValueError: ``seed`` or ``TORCHREPRO_SEED`` is not a valid seed, or
-            ``per_rank`` is not a bool.
+            ``per_rank`` is not a bool; no seed under a launcher (``WORLD_SIZE`` > 1)
+            before the process group exists.
 
     >>> import random
     >>> seed_everything(7)
@@ -179,7 +205,7 @@ def seed_everything(seed: int | None = None, *, per_rank: bool = False) -> int:
     if seed is None:
         seed = seed_from_env()
         if seed is None:
-            seed = secrets.randbits(32)
+            seed = _draw_seed()
             # WARNING, not INFO: shown on stderr without any logging set up, since a run
             # cannot be repeated without it.
             log.warning(
