@@ -18,8 +18,19 @@ from .. import _dist, _envvars, _runinfo
 from .._checkpoint import Checkpointer, read_checkpoint
 from .._errors import CheckpointError
 from .._seed import SEED_MAX, seed_from_env, validate_seed
+from .._trace import Trace
 
 POINTER_VERSION = 1
+
+
+def check_options(trace: object, deterministic: object) -> None:
+    """Validate the ``trace=`` and ``deterministic=`` arguments both integrations take."""
+    if not isinstance(trace, (bool, Trace)):
+        raise TypeError(
+            f"trace must be a bool or a torchrepro.Trace, got {type(trace).__name__} {trace!r}"
+        )
+    if deterministic not in ("strict", "warn", "off"):
+        raise ValueError(f"deterministic must be 'strict', 'warn' or 'off', got {deterministic!r}")
 
 
 def stop_step() -> int | None:

@@ -107,14 +107,7 @@ class ReproCallback(Callback):
     def __init__(
         self, seed: int | None = None, *, trace: bool | Trace = True, deterministic: str = "strict"
     ) -> None:
-        if not isinstance(trace, (bool, Trace)):
-            raise TypeError(
-                f"trace must be a bool or a torchrepro.Trace, got {type(trace).__name__} {trace!r}"
-            )
-        if deterministic not in ("strict", "warn", "off"):
-            raise ValueError(
-                f"deterministic must be 'strict', 'warn' or 'off', got {deterministic!r}"
-            )
+        _common.check_options(trace, deterministic)
         self.seed = seed_everything(_common.resolve_seed(seed, fallback_var="PL_GLOBAL_SEED"))
         self.trace: Trace | None = (
             trace if isinstance(trace, Trace) else (Trace() if trace else None)

@@ -126,14 +126,7 @@ class ReproTrainerMixin:
     def __init__(
         self, *args: Any, deterministic: str = "strict", trace: bool | Trace = True, **kwargs: Any
     ) -> None:
-        if not isinstance(trace, (bool, Trace)):
-            raise TypeError(
-                f"trace must be a bool or a torchrepro.Trace, got {type(trace).__name__} {trace!r}"
-            )
-        if deterministic not in ("strict", "warn", "off"):
-            raise ValueError(
-                f"deterministic must be 'strict', 'warn' or 'off', got {deterministic!r}"
-            )
+        _common.check_options(trace, deterministic)
         super().__init__(*args, **kwargs)
         if not self.args.ignore_data_skip:
             log.info("torchrepro: ignore_data_skip=True; the loader resumes at its exact position")
