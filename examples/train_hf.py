@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(model.state_dict(), args.save_final)
     if trainer.is_world_process_zero():
         print(f"steps {trainer.state.global_step}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # DDP
+        # every rank finishes its work before any tears its connections down
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

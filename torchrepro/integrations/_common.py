@@ -33,6 +33,19 @@ def check_options(trace: object, deterministic: object) -> None:
         raise ValueError(f"deterministic must be 'strict', 'warn' or 'off', got {deterministic!r}")
 
 
+def leave_process_group() -> None:
+    """Before a process ends itself (a recorded stop): wait for every rank, then tear down.
+
+    A rank that exits while a peer still uses its gloo connections can make the peer
+    abort (SIGABRT) instead of finishing its own save.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def stop_step() -> int | None:
     """``TORCHREPRO_STOP_AT`` as an optimizer step >= 1, or None when unset."""
     return _envvars.env_int(_envvars.STOP_AT, low=1)

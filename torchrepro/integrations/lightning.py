@@ -219,6 +219,7 @@ class ReproCallback(Callback):
             log.info(
                 "torchrepro: saved step %d to %s; stopping (%s)", step, target, _envvars.STOP_AT
             )
+            _common.leave_process_group()
             raise SystemExit(0)
 
     # -- state -----------------------------------------------------------------------------

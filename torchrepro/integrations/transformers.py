@@ -99,6 +99,7 @@ class ReproTrainerCallback(TrainerCallback):  # type: ignore[misc]
         if self._stopping:
             _common.write_pointer(_FRAMEWORK, state.global_step, folder)
             log.info("torchrepro: saved step %d to %s; stopping", state.global_step, folder)
+            _common.leave_process_group()
             raise SystemExit(0)
 
 
