@@ -7,6 +7,7 @@ End to end (subprocesses): ``torchrepro check`` on examples/train_hf.py, alone a
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ ARGS = ["--limit", "256"]  # 8 steps per epoch, 16 in all
 
 @pytest.mark.slow
 def test_check_varied_workers_and_mid_epoch_resume_is_reproducible(tmp_path):
-    command = ["python", str(EXAMPLES / "train_hf.py"), *ARGS]
+    command = [sys.executable, str(EXAMPLES / "train_hf.py"), *ARGS]
     proc = check("--vary", "num_workers=0,2", "--resume-at", "11", command=command, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "REPRODUCIBLE: 4 runs x 16 steps bitwise identical" in proc.stdout
