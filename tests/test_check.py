@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,6 @@ pytestmark = pytest.mark.slow
 def _check(
     args: list[str], tmp_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    import os
-
     full_env = {**os.environ, **(env or {})}
     full_env.pop("TORCHREPRO_SEED", None)
     return subprocess.run(
@@ -29,7 +28,7 @@ def _check(
         env=full_env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
 
 

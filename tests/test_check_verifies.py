@@ -5,30 +5,10 @@ Each case passed, or was reported backwards, before runs recorded their own fact
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = str(Path(__file__).parent / "scripts" / "tiny_train.py")
-CLI = [sys.executable, "-m", "torchrepro", "check"]
-
-
-def _check(
-    args: list[str], tmp_path: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("TORCHREPRO_SEED", None)
-    return subprocess.run(
-        [*CLI, *args, "--", sys.executable, SCRIPT],
-        cwd=tmp_path,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from test_check import _check  # the same runner as the other check tests
 
 
 @pytest.mark.parametrize(
