@@ -13,8 +13,21 @@ from torchrepro._rng import isolated_rng
 from torchrepro._trace import Trace
 
 
-def _train(path: Path, *, steps: int = 12, nudge_at: int | None = None, every: int = 1) -> None:
-    """A tiny deterministic training loop; optionally nudge one weight by one ulp."""
+def _train(
+    path: Path,
+    *,
+    steps: int = 12,
+    nudge_at: int | None = None,
+    every: int = 1,
+    state_every: int = 1,
+    after_update: bool = False,
+    close: bool = True,
+) -> None:
+    """A tiny deterministic training loop; optionally nudge one weight by one ulp.
+
+    The nudge comes before step ``nudge_at``'s forward, or with ``after_update`` after its
+    optimizer step (so its loss is still the same).
+    """
     g = torch.Generator().manual_seed(0)
     with isolated_rng():  # default initialisation draws from the global RNG
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -23,17 +36,27 @@ def _train(path: Path, *, steps: int = 12, nudge_at: int | None = None, every: i
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
-    trace = Trace(path, every=every)
+    trace = Trace(path, every=every, state_every=state_every)
+
+    def nudge() -> None:
+        with torch.no_grad():
+            w = model[2].weight
+            w[0, 3] = torch.nextafter(w[0, 3], torch.tensor(float("inf")))
+
     for step in range(1, steps + 1):
-        if step == nudge_at:
-            with torch.no_grad():
-                w = model[2].weight
-                w[0, 3] = torch.nextafter(w[0, 3], torch.tensor(float("inf")))
+        if step == nudge_at and not after_update:
+            nudge()
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step == nudge_at and after_update:
+            nudge()
         trace.step(loss=loss, model=model)
+    if close:
+        trace.close()
+    else:
+        trace._unrecorded = None  # as if the process was killed: no end line
 
 
 def test_identical_runs(tmp_path: Path) -> None:
@@ -69,7 +92,58 @@ def test_one_ulp_nudge_is_found_at_its_step_and_named(tmp_path: Path) -> None:
     assert "param 2.weight: checksum" in text  # norms are recorded every 10 steps
     assert "step 7 recorded no norms" in text
     assert "5 later compared steps also differ" in text
+    assert result.exact and result.earliest_step == 7
     json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_state_every_bounds_the_first_divergent_step(tmp_path: Path) -> None:
+    """With the state recorded every 10 steps, a nudge at step 7 is bounded, never missed."""
+    _train(tmp_path / "a", state_every=10)
+    _train(tmp_path / "b", nudge_at=7, state_every=10, after_update=True)
+    result = compare_traces(tmp_path / "a", tmp_path / "b", names=("run 1", "nudged"))
+    assert not result.identical and not result.exact
+    # the losses of steps 1-7 are equal (the nudge follows step 7's update)
+    assert result.earliest_step is not None and result.first_step is not None
+    assert result.earliest_step <= 7 < result.first_step <= 10
+    assert result.verdict == (
+        f'DIVERGED at a step in {result.earliest_step}-{result.first_step} (run "nudged" vs "run 1")'
+    )
+    assert "TORCHREPRO_TRACE_STATE_EVERY=1" in result.format()
+    assert result.to_dict()["exact"] is False
+
+
+def test_state_every_records_the_state_at_state_steps_only(tmp_path: Path) -> None:
+    _train(tmp_path / "a", state_every=5)
+    trace = read_trace(tmp_path / "a")
+    held = [r["step"] for r in trace.records if any(e["kind"] == "param" for e in r["entries"])]
+    assert held == [1, 5, 10]  # the process's first traced step, then every 5th
+    assert [r["state"] for r in trace.records] == [s in (1, 5, 10) for s in range(1, 13)]
+    assert trace.header["state_every"] == 5
+    # after step 12 (no state), the trace ends with the state it closed with
+    assert trace.end is not None and trace.end["step"] == 12
+    assert [e["kind"] for e in trace.end["entries"]] == ["param"] * 4
+
+
+def test_a_change_after_the_last_state_step_is_found_in_the_end_state(tmp_path: Path) -> None:
+    """The last update of a run is compared even when no step record held the state."""
+    _train(tmp_path / "a", state_every=10)
+    _train(tmp_path / "b", nudge_at=12, state_every=10, after_update=True)
+    result = compare_traces(tmp_path / "a", tmp_path / "b", names=("run 1", "nudged"))
+    assert not result.identical
+    assert (result.first_step, result.earliest_step, result.at_end) == (12, 11, True)
+    assert [(e.kind, e.name) for e in result.entries] == [("param", "2.weight")]
+    assert "the state after step 12, which the runs ended with," in result.format()
+
+
+def test_identical_sparse_traces_compare_their_end_states(tmp_path: Path) -> None:
+    _train(tmp_path / "a", state_every=5)
+    _train(tmp_path / "b", state_every=5)
+    result = compare_traces(tmp_path / "a", tmp_path / "b")
+    assert result.identical and result.end_compared and result.state_steps == 3
+    _train(tmp_path / "c", state_every=5, close=False)  # killed: no end line
+    unended = compare_traces(tmp_path / "a", tmp_path / "c")
+    assert unended.identical and not unended.end_compared
+    assert any("the state after step 12 was not compared" in n for n in unended.notes)
 
 
 def test_nudge_after_the_loss_names_the_parameter_first(tmp_path: Path) -> None:
@@ -174,7 +248,7 @@ def test_torn_line_is_noted_not_fatal(tmp_path: Path) -> None:
         ("hello\n", r"is not a torchrepro trace"),
         (
             '{"format": "torchrepro-trace", "version": 9}\n',
-            r"of format version 9; this torchrepro reads version 2",
+            r"of format version 9; this torchrepro reads versions 2, 3",
         ),
         (
             '{"format": "torchrepro-trace", "version": 2}\nxx\n{"step": 2, "entries": []}\n',

@@ -40,12 +40,13 @@ def test_records_loss_params_buffers_grads_and_tensors_in_order(tmp_path: Path) 
     loss = model(x).sum()
     loss.backward()
     model[2].bias.grad = None  # a None gradient is recorded as such
-    trace = Trace(path, grads=True)
+    trace = Trace(path, grads=True, state_every=1)
     extra = torch.arange(6.0).reshape(2, 3).t()
     trace.step(loss=loss, model=model, logits=extra, lr=0.5)
     header, record = _lines(path)
     assert header["format"] == "torchrepro-trace"
-    assert header["version"] == 2
+    assert header["version"] == 3
+    assert record["state"] is True
     assert (header["rank"], header["world_size"], header["every"], header["grads"]) == (
         0,
         1,

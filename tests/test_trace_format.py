@@ -45,7 +45,7 @@ def test_header_records_observed_facts_and_full_fingerprint(tmp_path: Path) -> N
     finally:
         os.environ.pop("TORCHREPRO_SEED", None)
     header = _lines(path)[0]
-    assert header["version"] == 2
+    assert header["version"] == 3
     facts = header["facts"]
     assert facts["seed"] == 123
     assert facts["loaders"] == [{"num_workers": 0}]

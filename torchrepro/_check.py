@@ -10,6 +10,7 @@ No printing here: progress goes to a callback, results come back as a :class:`Ch
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -114,6 +115,9 @@ class CheckReport:
     explanations: list[Explanation] = field(default_factory=list)
     localization: Localization | None = None
     localization_note: str = ""
+    # How the exact first divergent step was found, when the traces only bounded it.
+    pinpoint_note: str = ""
+    pinpoint_start: int = 0  # the step the pinpoint re-runs started after
 
     def _pairs(self) -> list[tuple[RunResult, Comparison]]:
         return list(zip(self.runs[1:], self.comparisons, strict=False))
@@ -164,11 +168,32 @@ class CheckReport:
             )
         compared = [r for r in self.runs if not r.spec.must_differ]
         runs = f"{len(compared)} run{'s' if len(compared) != 1 else ''}"
-        text = f"REPRODUCIBLE: {runs} x {self.steps} steps bitwise identical"
+        text = f"REPRODUCIBLE: {runs} x {self.steps} steps bitwise identical{self._coverage()}"
         differing = [r.spec.name for r in self.runs if r.spec.must_differ]
         if differing:
             text += f"; {', '.join(differing)} differ{'s' if len(differing) == 1 else ''}, as another seed must"
         return text
+
+    def _coverage(self) -> str:
+        """What the identical traces held, when not the whole state at every step."""
+        compared = [c for r, c in self._pairs() if not r.spec.must_differ]
+        reference = self.runs[0].trace if self.runs else None
+        if not compared or reference is None:
+            return ""
+        state = min(c.state_steps for c in compared)
+        if state == self.steps:
+            return ""
+        first = reference.records[0]["entries"] if reference.records else []
+        kinds = {e.get("kind") for e in first}
+        what = " and ".join(
+            k for k, present in (("loss", "loss" in kinds), ("batch", "batch" in kinds)) if present
+        )
+        end = all(c.end_compared for c in compared)
+        return (
+            f" (every step's {what or 'record'}; the model's state at {state} of them"
+            + (" and after the last" if end else "; not after the last: a run did not record it")
+            + ")"
+        )
 
     def explanation(self) -> list[str]:
         """Lines that say why, after the verdict (the usual causes of a divergence)."""
@@ -196,6 +221,7 @@ class CheckReport:
             "explanations": [e.to_dict() for e in self.explanations],
             "localization": None if self.localization is None else self.localization.to_dict(),
             "localization_note": self.localization_note,
+            "pinpoint_note": self.pinpoint_note,
             "seed_without_effect": self.seed_without_effect,
             "notes": list(self.notes),
         }
@@ -644,6 +670,11 @@ def run_check(
         report = CheckReport(results, comparisons, notes=notes)
         reference = results[0]
         assert reference.trace is not None
+        captured = None
+        if localize is not False and report.unexpected:
+            captured = _pinpoint_divergence(
+                report, command, base_env, root, progress=progress, timeout=timeout
+            )
         report.explanations = [
             explain(reference.trace, r.trace, c)
             for r, c in zip(results[1:], comparisons, strict=True)
@@ -658,11 +689,215 @@ def run_check(
                 force=localize,
                 progress=progress,
                 timeout=timeout,
+                captured=captured,
             )
         return report
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _first_divergence(report: CheckReport) -> tuple[int, RunResult, Comparison] | None:
+    """The divergence the verdict names: ``(index in comparisons, run, comparison)``."""
+    pairs = [
+        (i, r, c)
+        for i, (r, c) in enumerate(zip(report.runs[1:], report.comparisons, strict=False))
+        if c in report.unexpected and c.first_step is not None
+    ]
+    if not pairs:
+        return None
+    same = report.same_settings_differ
+    for pair in pairs:
+        if pair[2] is same:
+            return pair
+    return min(pairs, key=lambda p: p[2].first_step or 0)
+
+
+def _capture_step(path: Path) -> int | None:
+    try:
+        step = read_capture(str(path)).get("step")
+    except TraceError:
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _until(trace: TraceData, step: int) -> TraceData:
+    """``trace`` with the records of steps up to ``step`` only (no end line)."""
+    records = [r for r in trace.records if r["step"] <= step]
+    return TraceData(trace.path, trace.header, records, False, [trace.header], [0])
+
+
+def _rerun(
+    command: Sequence[str],
+    spec: RunSpec,
+    directory: Path,
+    *,
+    base_env: dict[str, str],
+    checkpoint: Path | None,
+    reference_trace: Path,
+    step: int,
+    extra: dict[str, str],
+    progress: Progress | None,
+    timeout: float | None,
+    label: str,
+) -> tuple[Path, str | None]:
+    """Re-run ``spec`` from ``checkpoint`` (None: from the start) to the end of ``step``.
+
+    The run gets ``TORCHREPRO_LOCALIZE_STEP=step`` (it captures that step per module and
+    ends) and ``extra``; starting from a checkpoint, it continues a copy of the reference
+    trace (cut back to the checkpoint's step on resume). Returns the trace path and the
+    problem, if the run failed.
+    """
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        return directory / "trace.jsonl", (
+            f"was not re-run: {directory} already exists and is not empty (torchrepro never "
+            "deletes what it did not create)"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    trace = directory / "trace.jsonl"
+    env = dict(spec.env)
+    if spec.resume_at is not None and step > spec.resume_at:
+        env.update(spec.resume_env)
+    if checkpoint is not None:  # the checkpoint and the trace it continues
+        shutil.copyfile(checkpoint, directory / "checkpoint.pt")
+        shutil.copyfile(reference_trace, trace)
+    run_env = {
+        **base_env,
+        **env,
+        **extra,
+        _envvars.TRACE: str(trace),
+        _envvars.CHECKPOINT: str(directory / "checkpoint.pt"),
+        _envvars.LOCALIZE_STEP: str(step),
+    }
+    run_env.pop(_envvars.STOP_AT, None)
+    run_env.pop(_envvars.KEEP_CHECKPOINTS, None)
+    if progress is not None:
+        progress(label)
+    code, problem = _run_process(
+        command, run_env, directory, label=label, trace=trace, progress=progress, timeout=timeout
+    )
+    if problem is None and code != 0:
+        problem = f"{_exit_reason(code)}: {tail(directory / 'stderr.log', lines=5)}"
+    return trace, problem
+
+
+def _pinpoint_divergence(
+    report: CheckReport,
+    command: Sequence[str],
+    base_env: dict[str, str],
+    root: Path,
+    *,
+    progress: Progress | None,
+    timeout: float | None,
+) -> tuple[Path, Path] | None:
+    """Find the exact first divergent step when the traces only bound it.
+
+    Traces record the model's state every ``state_every`` steps, so the first record
+    that differs can come after the step where the runs parted: they parted in
+    ``earliest_step..first_step`` (:class:`Comparison`). Both configurations are re-run
+    over that interval with the state recorded every step
+    (``TORCHREPRO_TRACE_STATE_EVERY=1``), from the reference's last kept checkpoint
+    before it (else from the start). Each re-run must repeat its own first run's records;
+    then the re-runs' first differing step replaces the bound in the report. Otherwise
+    the bound stays, with a note that says why.
+
+    Returns:
+        The re-runs' capture files (of step ``first_step``), or None when nothing ran.
+    """
+    target = _first_divergence(report)
+    if target is None:
+        return None
+    position, run, comparison = target
+    if comparison.exact or comparison.first_step is None or comparison.earliest_step is None:
+        return None
+    step, earliest = comparison.first_step, comparison.earliest_step
+    reference = report.runs[0]
+    kept = _kept_checkpoints(reference.directory)
+    start = max((k for k in kept if k < earliest), default=0)
+    report.pinpoint_start = start
+    traces: list[TraceData] = []
+    for index, spec in enumerate((reference.spec, run.spec)):
+        path, problem = _rerun(
+            command,
+            spec,
+            root / f"pinpoint{index + 1}",
+            base_env=base_env,
+            checkpoint=kept.get(start),
+            reference_trace=reference.directory / "trace.jsonl",
+            step=step,
+            extra={_envvars.TRACE_STATE_EVERY: "1"},
+            progress=progress,
+            timeout=timeout,
+            label=f"pinpoint {spec.name}: steps {start + 1}..{step}",
+        )
+        try:
+            if problem is not None:
+                raise TraceError(problem)
+            traces.append(read_trace(path))
+        except TraceError as exc:
+            report.pinpoint_note = (
+                f"not pinpointed (the first divergent step stays within {earliest}-{step}): "
+                f'the re-run of "{spec.name}" {exc}'
+            )
+            return None
+    origin = f"the checkpoint at step {start}" if start else "the start"
+    done = (
+        f're-ran "{reference.spec.name}" and "{run.spec.name}" from {origin} to step {step} '
+        "with the model's state recorded every step"
+    )
+    unrepeated = []
+    for original, again in zip((reference, run), traces, strict=True):
+        assert original.trace is not None
+        name = original.spec.name
+        repeat = compare_traces(_until(original.trace, step), again, names=(name, f"{name} again"))
+        if not repeat.identical:
+            unrepeated.append(f'"{name}"')
+    pinned = compare_traces(traces[0], traces[1], names=comparison.names)
+    first = pinned.first_step
+    if pinned.identical or not pinned.exact or first is None or first > step:
+        report.pinpoint_note = (
+            f"{done}, but they did not part by step {step}"
+            + (f", and {_did_not_repeat(unrepeated)}" if unrepeated else "")
+            + f"; the first divergent step stays within {earliest}-{step}"
+        )
+        return None
+    same_settings = run.spec.env == reference.spec.env and run.spec.resume_at is None
+    if unrepeated and not same_settings:
+        report.pinpoint_note = (
+            f"{done}, but {_did_not_repeat(unrepeated)}; the first divergent step stays "
+            f"within {earliest}-{step}"
+        )
+        return None
+    if unrepeated:
+        # Runs with identical settings part where the nondeterminism strikes, which varies
+        # from run to run: the re-runs' exact step is as good a witness as the first runs'.
+        report.pinpoint_note = (
+            f"{done}: the re-runs parted at step {first}. They did not repeat their first runs "
+            f"(which parted at a step in {earliest}-{step}): the command is nondeterministic, "
+            "so the step where runs with identical settings part varies"
+        )
+    else:
+        report.pinpoint_note = f"{done}: the first divergent step is {first}"
+    report.comparisons[position] = dataclasses.replace(
+        comparison,
+        first_step=first,
+        earliest_step=first,
+        entries=pinned.entries,
+        batch_differs=pinned.batch_differs,
+        at_end=False,
+        # the steps after ``first`` up to ``step`` (the re-runs' ones), then the later ones
+        later_differing_steps=pinned.later_differing_steps + comparison.later_differing_steps,
+    )
+    paths = [root / f"pinpoint{i}" / ("trace.jsonl" + CAPTURE_SUFFIX) for i in (1, 2)]
+    return paths[0], paths[1]
+
+
+def _did_not_repeat(names: list[str]) -> str:
+    runs = " and ".join(names)
+    return (
+        f"the re-run{'s' if len(names) > 1 else ''} of {runs} did not repeat "
+        f"{'their' if len(names) > 1 else 'its'} first run: the command is nondeterministic"
+    )
 
 
 def _kept_checkpoints(directory: Path) -> dict[int, Path]:
@@ -684,6 +919,7 @@ def _localize_divergence(
     force: bool | None,
     progress: Progress | None,
     timeout: float | None = None,
+    captured: tuple[Path, Path] | None = None,
 ) -> None:
     """Name the first module whose output or gradient differs at the first divergent step N.
 
@@ -693,18 +929,22 @@ def _localize_divergence(
     agreed up to N) with ``TORCHREPRO_LOCALIZE_STEP=N``; each re-run ends after step N,
     so it costs at most one checkpoint interval. Without a checkpoint before N it starts
     from scratch, which ``localize=None`` allows only for N = 1 or N within the first
-    checkpoint interval. Nothing runs when the runs agree.
+    checkpoint interval. Nothing runs when the runs agree. ``captured``: the capture files
+    of the pinpoint re-runs (:func:`_pinpoint_divergence`), used when they are of step N.
     """
-    pairs = [
-        (r, c, e)
-        for r, c, e in zip(report.runs[1:], report.comparisons, report.explanations, strict=False)
-        if c in report.unexpected and c.first_step is not None
-    ]
-    if not pairs:
+    target = _first_divergence(report)
+    if target is None:
         return
-    run, comparison, explanation = min(pairs, key=lambda p: p[1].first_step or 0)
+    position, run, comparison = target
+    explanation = report.explanations[position]
     step = comparison.first_step
     assert step is not None
+    if not comparison.exact:
+        report.localization_note = (
+            f"not localized: the first divergent step is not known exactly (a step in "
+            f"{comparison.earliest_step}-{step})"
+        )
+        return
     if explanation.batch_differs and not force:
         report.localization_note = (
             f"not localized: the batch at step {step} already differed, so every module "
@@ -715,55 +955,35 @@ def _localize_divergence(
     kept = _kept_checkpoints(reference.directory)
     start = max((k for k in kept if k < step), default=0)
     interval = min(kept, default=None)
-    if not force and step - start > 1 and (interval is None or step - start > interval):
+    captures = []
+    if captured is not None and all(_capture_step(p) == step for p in captured):
+        captures = [read_capture(str(p)) for p in captured]  # the pinpoint re-runs took them
+        start = report.pinpoint_start
+    elif not force and step - start > 1 and (interval is None or step - start > interval):
         report.localization_note = (
             f"not localized: no checkpoint before step {step} was kept, so the re-run would "
             f"train {step} steps from the start (use --localize to re-run anyway)"
         )
         return
-    captures = []
     for index, spec in enumerate((reference.spec, run.spec)):
-        env = dict(spec.env)
-        if spec.resume_at is not None and step > spec.resume_at:
-            env.update(spec.resume_env)
-        directory = root / f"localize{index + 1}"
-        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-            report.localization_note = (
-                f"not localized: {directory} already exists and is not empty (torchrepro never "
-                "deletes what it did not create)"
-            )
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        trace = directory / "trace.jsonl"
-        if start:  # the checkpoint and the trace it continues (cut back to its step on resume)
-            shutil.copyfile(kept[start], directory / "checkpoint.pt")
-            shutil.copyfile(reference.directory / "trace.jsonl", trace)
-        run_env = {
-            **base_env,
-            **env,
-            _envvars.TRACE: str(trace),
-            _envvars.CHECKPOINT: str(directory / "checkpoint.pt"),
-            _envvars.LOCALIZE_STEP: str(step),
-        }
-        run_env.pop(_envvars.STOP_AT, None)
-        run_env.pop(_envvars.KEEP_CHECKPOINTS, None)
-        label = f"localize {spec.name}: steps {start + 1}..{step}"
-        if progress is not None:
-            progress(label)
-        code, problem = _run_process(
+        if len(captures) == 2:
+            break
+        trace, problem = _rerun(
             command,
-            run_env,
-            directory,
-            label=label,
-            trace=trace,
+            spec,
+            root / f"localize{index + 1}",
+            base_env=base_env,
+            checkpoint=kept.get(start),
+            reference_trace=reference.directory / "trace.jsonl",
+            step=step,
+            extra={},
             progress=progress,
             timeout=timeout,
+            label=f"localize {spec.name}: steps {start + 1}..{step}",
         )
         try:
             if problem is not None:
                 raise TraceError(problem)
-            if code != 0:
-                raise TraceError(f"{_exit_reason(code)}: {tail(directory / 'stderr.log', lines=5)}")
             captures.append(read_capture(str(trace) + CAPTURE_SUFFIX))
         except TraceError as exc:
             report.localization_note = f'not localized: the re-run of "{spec.name}" {exc}'

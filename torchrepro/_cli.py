@@ -244,6 +244,8 @@ def _print_report(report: CheckReport, kept: bool) -> None:
         lines = comparison.format().splitlines()
         print(_visible("\n".join(lines[1:] if lines[0] in verdict else lines)))
         verdict = ""  # later divergences keep their own verdict line
+    if report.pinpoint_note:
+        print(_visible(f"  {report.pinpoint_note}"))
     for note in report.notes:
         print(_visible(f"note: {note}"))
     _print_explanation(report)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import TraceError
-from ._tracefile import TraceData, json_float, read_trace
+from ._tracefile import STATE_KINDS, TraceData, json_float, read_trace
 
 __all__ = [
     "Comparison",
@@ -118,6 +118,16 @@ class Comparison:
         batch_differs: at ``first_step``, whether the batch the step consumed already
             differed (the data pipeline) or not (the model's computation); None when the
             traces hold no batch checksum for that step.
+        earliest_step: the earliest step the runs may already have parted at: one after
+            the last step before ``first_step`` whose records both held the model's state
+            (1 when none did). The first divergent step lies in
+            ``earliest_step..first_step``; it is exact when the two are equal. None when
+            identical.
+        state_steps: how many compared steps held the model's state in both traces.
+        end_compared: both traces end with the state after their common last step (an end
+            line, or a last record that held the state), and it was compared.
+        at_end: the first difference is in the state the runs ended with (after
+            ``first_step``, their last step), not in a step's record.
     """
 
     names: tuple[str, str]
@@ -130,6 +140,15 @@ class Comparison:
     later_differing_steps: int = 0
     notes: list[str] = field(default_factory=list)
     batch_differs: bool | None = None
+    earliest_step: int | None = None
+    state_steps: int = 0
+    end_compared: bool = False
+    at_end: bool = False
+
+    @property
+    def exact(self) -> bool:
+        """Whether ``first_step`` is known to be the first divergent step."""
+        return self.first_step is not None and self.earliest_step == self.first_step
 
     @property
     def cause(self) -> str | None:
@@ -149,7 +168,33 @@ class Comparison:
         ref, oth = self.names
         if self.identical:
             return f'IDENTICAL: {self.steps_compared} traced steps bitwise identical (run "{oth}" vs "{ref}")'
-        return f'DIVERGED at step {self.first_step} (run "{oth}" vs "{ref}")'
+        if self.exact or self.earliest_step is None:
+            return f'DIVERGED at step {self.first_step} (run "{oth}" vs "{ref}")'
+        return (
+            f'DIVERGED at a step in {self.earliest_step}-{self.first_step} (run "{oth}" vs "{ref}")'
+        )
+
+    @property
+    def window(self) -> str | None:
+        """Why the first divergent step is not exact, or None when it is (or identical)."""
+        if self.identical or self.exact or self.earliest_step is None:
+            return None
+        where = (
+            f"the state after step {self.first_step}, which the runs ended with,"
+            if self.at_end
+            else f"step {self.first_step}"
+        )
+        before = (
+            f"step {self.earliest_step - 1} was the last to record the model's state"
+            if self.earliest_step > 1
+            else "no earlier step recorded the model's state"
+        )
+        return (
+            f"{where} is the first record that differs, and {before} (Trace's state_every): "
+            f"the runs parted at a step in {self.earliest_step}-{self.first_step} (to name "
+            "it, torchrepro check re-runs that interval with TORCHREPRO_TRACE_STATE_EVERY=1, "
+            "which records the state every step)"
+        )
 
     def format(self, max_entries: int = 10) -> str:
         """The verdict, then the first differing entries and the notes, one per line.
@@ -161,6 +206,8 @@ class Comparison:
             Text without a trailing newline.
         """
         lines = [self.verdict]
+        if self.window is not None:
+            lines.append("  " + self.window)
         if self.cause is not None:
             lines.append("  " + self.cause)
         for entry in self.entries[:max_entries]:
@@ -193,6 +240,11 @@ class Comparison:
             "notes": list(self.notes),
             "batch_differs": self.batch_differs,
             "cause": self.cause,
+            "earliest_step": self.earliest_step,
+            "exact": self.exact,
+            "state_steps": self.state_steps,
+            "end_compared": self.end_compared,
+            "at_end": self.at_end,
         }
 
 
@@ -247,20 +299,41 @@ def _diff_entry(
     )
 
 
+def _state(record: dict[str, Any]) -> bool:
+    return bool(record.get("state", True))
+
+
 def _diff_step(ref: dict[str, Any], oth: dict[str, Any], names: tuple[str, str]) -> list[EntryDiff]:
+    """The differing entries of two records of one step (or two end lines).
+
+    When only one of the records holds the model's state, the state is not compared.
+    """
+    return _diff_entries(ref["entries"], oth["entries"], names, state=_state(ref) and _state(oth))
+
+
+def _diff_entries(
+    ref_entries: list[dict[str, Any]],
+    oth_entries: list[dict[str, Any]],
+    names: tuple[str, str],
+    *,
+    state: bool,
+) -> list[EntryDiff]:
     def key(e: dict[str, Any]) -> tuple[str, str]:
         return (str(e["kind"]), str(e["name"]))
 
-    other_by_key = {key(e): e for e in oth["entries"]}
+    if not state:
+        ref_entries = [e for e in ref_entries if e.get("kind") not in STATE_KINDS]
+        oth_entries = [e for e in oth_entries if e.get("kind") not in STATE_KINDS]
+    other_by_key = {key(e): e for e in oth_entries}
     seen = set()
     diffs = []
-    for entry in ref["entries"]:
+    for entry in ref_entries:
         k = key(entry)
         seen.add(k)
         d = _diff_entry(entry, other_by_key.get(k), *names)
         if d is not None:
             diffs.append(d)
-    for entry in oth["entries"]:
+    for entry in oth_entries:
         if key(entry) not in seen:
             d = _diff_entry(None, entry, *names)
             if d is not None:
@@ -327,14 +400,31 @@ def compare_traces(
     first_step: int | None = None
     entries: list[EntryDiff] = []
     later = 0
+    last_state = 0  # the last common step before the first difference that held the state
+    state_steps = 0
     for step in common:
+        both_state = _state(ref_steps[step]) and _state(oth_steps[step])
+        state_steps += both_state
         diffs = _diff_step(ref_steps[step], oth_steps[step], names)
         if not diffs:
+            if both_state and first_step is None:
+                last_state = step
             continue
         if first_step is None:
             first_step, entries = step, diffs
         else:
             later += 1
+    end_compared, at_end = _compare_ends(ref, oth, common, names)
+    if first_step is None and at_end:
+        first_step, entries = (
+            common[-1],
+            _diff_entries(
+                ref.end["entries"] if ref.end else [],
+                oth.end["entries"] if oth.end else [],
+                names,
+                state=True,
+            ),
+        )
     only_ref = sorted(set(ref_steps) - set(oth_steps))
     only_oth = sorted(set(oth_steps) - set(ref_steps))
     for name, missing, has in (
@@ -375,6 +465,12 @@ def compare_traces(
                 f'run "{name}": a torn last trace line was ignored (the run stopped mid-write)'
             )
     identical = first_step is None
+    earliest = None if first_step is None else min(last_state + 1, first_step)
+    if common and not end_compared and _state_unrecorded_at_end(ref, oth, common[-1]):
+        notes.append(
+            f"the state after step {common[-1]} was not compared: a run did not record it "
+            "(a trace gets it when the run closes it or exits normally)"
+        )
     return Comparison(
         names=names,
         identical=identical,
@@ -386,6 +482,44 @@ def compare_traces(
         later_differing_steps=later,
         notes=notes,
         batch_differs=batch_differs,
+        earliest_step=earliest,
+        state_steps=state_steps,
+        end_compared=end_compared,
+        at_end=at_end and first_step == common[-1] and not later,
+    )
+
+
+def _end_state(data: TraceData, last: int) -> dict[str, Any] | None:
+    """The record of the state ``data`` ended with after step ``last``, if it has one."""
+    if not data.records or data.records[-1]["step"] != last:
+        return None
+    if _state(data.records[-1]):
+        return data.records[-1]
+    if data.end is not None and data.end["step"] == last:
+        return {"step": last, "state": True, "entries": data.end["entries"]}
+    return None
+
+
+def _compare_ends(
+    ref: TraceData, oth: TraceData, common: list[int], names: tuple[str, str]
+) -> tuple[bool, bool]:
+    """``(compared, differ)`` for the states both runs ended with after their last common step."""
+    if not common:
+        return False, False
+    ends = _end_state(ref, common[-1]), _end_state(oth, common[-1])
+    if ends[0] is None or ends[1] is None:
+        return False, False
+    if _state(ref.records[-1]) and _state(oth.records[-1]):
+        return True, False  # the last records held the state: compared with the steps
+    diffs = _diff_entries(ends[0]["entries"], ends[1]["entries"], names, state=True)
+    return True, bool([d for d in diffs if d.kind in STATE_KINDS])
+
+
+def _state_unrecorded_at_end(ref: TraceData, oth: TraceData, last: int) -> bool:
+    """Whether a trace that ends at ``last`` without its state makes the end uncompared."""
+    return any(
+        data.records and data.records[-1]["step"] == last and _end_state(data, last) is None
+        for data in (ref, oth)
     )
 
 

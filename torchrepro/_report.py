@@ -97,9 +97,12 @@ def relative_differences(
     {'fc': {'fc.weight': [(1, 0.25)]}}
     """
     other_steps = {r["step"]: r for r in other.records}
+    pairs = [(r, other_steps.get(r["step"])) for r in reference.records]
+    ends = reference.end, other.end
+    if ends[0] is not None and ends[1] is not None and ends[0]["step"] == ends[1]["step"]:
+        pairs.append((ends[0], ends[1]))  # the states both runs ended with
     groups: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for record in reference.records:
-        twin = other_steps.get(record["step"])
+    for record, twin in pairs:
         if twin is None:
             continue
         theirs = {(e.get("kind"), e.get("name")): e for e in twin["entries"]}

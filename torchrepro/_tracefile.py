@@ -3,11 +3,15 @@
 A trace is a JSON-lines file. Each process that writes to it starts its own *segment*
 with a header line, then appends one record line per traced step:
 
-    {"format": "torchrepro-trace", "version": 2, ..., "facts": {...}, "fingerprint": {...}}
-    {"step": 1, "entries": [{"name": "loss", "kind": "loss", "checksum": "...", ...}, ...]}
+    {"format": "torchrepro-trace", "version": 3, ..., "facts": {...}, "fingerprint": {...}}
+    {"step": 1, "state": false, "entries": [{"name": "loss", "kind": "loss", ...}, ...]}
     ...
-    {"format": "torchrepro-trace", "version": 2, ..., "facts": {"resumed_from": 37, ...}}
-    {"step": 38, "entries": [...]}
+    {"step": 10, "state": true, "entries": [loss, params, buffers, ..., batch]}
+    ...
+    {"format": "torchrepro-trace", "version": 3, ..., "facts": {"resumed_from": 37, ...}}
+    {"step": 38, "state": false, "entries": [...]}
+    ...
+    {"end": 56, "entries": [params, buffers, ...]}
 
 A header holds what the writing process observed about itself (``facts``: the seed it
 was seeded with, the effective ``num_workers`` of each torchrepro loader, the world
@@ -16,10 +20,16 @@ fingerprint with a digest, so ``torchrepro check`` verifies what each run really
 and two machines' traces can be compared with the environment differences that explain
 them. Record entries are described in :class:`TraceData`.
 
-Version 2 (this one) changed the checksum (non-linear; see :mod:`torchrepro._checksum`),
-added the facts, the fingerprint, the segments, batch entries, and exact integer loss
-values. Version 1 traces are refused with a clear error: their checksums cannot be
-compared with version 2's.
+Every record holds the loss, the named tensors and the batch; a *state* record
+(``"state": true``, every ``state_every`` steps) also holds the model's parameters,
+buffers and gradients. A process that ends after a step whose record held no state
+appends an *end* line with the state it ended with (``"end"``: that step).
+
+Version 3 (this one) added state and end lines (a version 2 record always held the
+state, and is read as a state record). Version 2 changed the checksum (non-linear; see
+:mod:`torchrepro._checksum`), added the facts, the fingerprint, the segments, batch
+entries, and exact integer loss values. Version 1 traces are refused with a clear error:
+their checksums cannot be compared with later versions'.
 
 Reading is bounded: only regular files, at most ``max_bytes`` in all, at most
 :data:`MAX_LINE_BYTES` per line, UTF-8 only; JSON too deeply nested or with huge
@@ -42,6 +52,7 @@ __all__ = [
     "MAX_LINE_BYTES",
     "TRACE_FORMAT",
     "TRACE_VERSION",
+    "STATE_KINDS",
     "TraceData",
     "TraceError",
     "encode",
@@ -52,7 +63,9 @@ __all__ = [
 ]
 
 TRACE_FORMAT = "torchrepro-trace"
-TRACE_VERSION = 2
+TRACE_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+STATE_KINDS = frozenset({"param", "buffer", "grad"})
 MAX_BYTES = 1 << 32  # default bound on a whole trace (4 GiB)
 MAX_LINE_BYTES = 1 << 26  # 64 MiB: a record of a model with a million tensors
 
@@ -86,8 +99,9 @@ class TraceData:
             ``norm_every``, ``facts`` (``seed``, ``loaders`` as ``[{"num_workers": n}]``,
             ``world_size``, ``torch_threads``, ``resumed_from``), ``fingerprint`` (the full
             environment fingerprint) and ``fingerprint_digest``.
-        records: ``{"step": int, "entries": [dict, ...]}`` per traced step, steps strictly
-            increasing. An entry has ``name``, ``kind`` (``loss``, ``param``, ``buffer``,
+        records: ``{"step": int, "state": bool, "entries": [dict, ...]}`` per traced step,
+            steps strictly increasing (``state`` is added as True for version 2 records:
+            whether the record holds the model's state, the entries of :data:`STATE_KINDS`). An entry has ``name``, ``kind`` (``loss``, ``param``, ``buffer``,
             ``grad``, ``tensor``, ``batch``) and ``checksum`` (16 hex digits; ``None`` for
             a missing gradient); tensors also ``dtype``, ``shape`` and, on steps that
             record norms, ``norm``; the loss ``value`` (an exact int for integer losses)
@@ -95,6 +109,10 @@ class TraceData:
         torn: whether a torn last line (a crash mid-write) was ignored.
         headers: every segment's header, in file order (one per writing process).
         segment_starts: for each header, the index in ``records`` of its first record.
+        end: ``{"step": int, "entries": [...]}``: the state the last process ended with,
+            after the last record's step (whose record held no state); None when the
+            trace has no such end line (the process did not exit normally, or the last
+            record held the state).
     """
 
     path: str
@@ -103,6 +121,7 @@ class TraceData:
     torn: bool = False
     headers: list[dict[str, Any]] = field(default_factory=list)
     segment_starts: list[int] = field(default_factory=list)
+    end: dict[str, Any] | None = None
 
     @property
     def steps(self) -> list[int]:
@@ -119,7 +138,7 @@ class TraceData:
 
 def _check_header(header: dict[str, Any], path: str, line: int) -> dict[str, Any]:
     version = header.get("version")
-    if version != TRACE_VERSION:
+    if version not in READABLE_VERSIONS:
         hint = (
             " (written by torchrepro before the checksum became non-linear); its checksums "
             "cannot be compared with this version's: re-run the command to record a new trace"
@@ -128,31 +147,38 @@ def _check_header(header: dict[str, Any], path: str, line: int) -> dict[str, Any
         )
         raise TraceError(
             f"{path}, line {line}: a torchrepro trace of format version {version!r}; this "
-            f"torchrepro reads version {TRACE_VERSION}{hint}"
+            f"torchrepro reads versions {', '.join(map(str, READABLE_VERSIONS))}{hint}"
         )
     if not isinstance(header.get("facts", {}), dict):
         raise TraceError(f"{path}, line {line}: header 'facts' must be a JSON object")
     return header
 
 
+def _valid_entries(entries: object) -> bool:
+    return isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("kind"), str)
+        for e in entries
+    )
+
+
+def _is_step(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_record(record: dict[str, Any], path: str, line: int) -> dict[str, Any]:
-    step = record.get("step")
-    entries = record.get("entries")
+    key = "end" if "end" in record else "step"
     ok = (
-        isinstance(step, int)
-        and not isinstance(step, bool)
-        and isinstance(entries, list)
-        and all(
-            isinstance(e, dict)
-            and isinstance(e.get("name"), str)
-            and isinstance(e.get("kind"), str)
-            for e in entries
-        )
+        _is_step(record.get(key))
+        and _valid_entries(record.get("entries"))
+        and isinstance(record.get("state", True), bool)
     )
     if not ok:
-        raise TraceError(
-            f"{path}, line {line}: not a trace record ({{'step': int, 'entries': [...]}})"
+        shape = (
+            "{'end': int, 'entries': [...]}" if key == "end" else "{'step': int, 'entries': [...]}"
         )
+        raise TraceError(f"{path}, line {line}: not a trace record ({shape})")
+    if key == "step":
+        record.setdefault("state", True)  # version 2: every record held the state
     return record
 
 
@@ -207,14 +233,23 @@ def _lines(path: str, max_bytes: int) -> tuple[list[bytes], bytes]:
             lines.append(line[:-1])
 
 
-def parse(
-    path: str, max_bytes: int = MAX_BYTES
-) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, dict[str, Any], bytes]], bool]:
-    """Parse a trace file: ``(headers, records, torn)``.
+@dataclass
+class Parsed:
+    """What :func:`parse` read: the lines of a trace file, by kind."""
 
-    ``headers`` holds ``(index of its first record, header)``; ``records`` holds
-    ``(line number, record, raw line)``. A last line that does not parse (or lacks its
-    newline) is a torn write and is dropped; a bad line elsewhere is corruption.
+    headers: list[tuple[int, dict[str, Any]]]  # (index of its first record, header)
+    records: list[tuple[int, dict[str, Any], bytes]]  # (line number, record, raw line)
+    torn: bool
+    end: dict[str, Any] | None  # the end line right after the last record, if any
+
+
+def parse(path: str, max_bytes: int = MAX_BYTES) -> Parsed:
+    """Parse a trace file's headers, records and final end line.
+
+    A last line that does not parse (or lacks its newline) is a torn write and is
+    dropped; a bad line elsewhere is corruption. An end line counts only if it follows
+    the last record and names its step (an earlier one belongs to a process that was
+    resumed, or to a :meth:`Trace.close` the run continued after).
 
     Raises:
         TraceError: the file is missing, not a regular file, too large, empty, not a
@@ -230,6 +265,7 @@ def parse(
         raise TraceError(f"{path} is empty; the run recorded no traced step")
     headers: list[tuple[int, dict[str, Any]]] = []
     records: list[tuple[int, dict[str, Any], bytes]] = []
+    end: dict[str, Any] | None = None
     for number, raw in enumerate(complete, start=1):
         try:
             value = _loads(raw)
@@ -250,8 +286,16 @@ def parse(
             raise TraceError(f"{path}, line {number}: not a trace line (a JSON object)")
         if value.get("format") == TRACE_FORMAT:
             headers.append((len(records), _check_header(value, path, number)))
+            end = None
             continue
         record = _check_record(value, path, number)
+        if "end" in record:
+            after = records[-1][1]["step"] if records else None
+            end = {"step": record["end"], "entries": record["entries"]}
+            if record["end"] != after:
+                end = None
+            continue
+        end = None
         if records and record["step"] <= records[-1][1]["step"]:
             previous_line, previous, _ = records[-1]
             what = "repeats" if record["step"] == previous["step"] else "goes back from"
@@ -261,7 +305,7 @@ def parse(
                 "it was edited. Give each run its own trace path (TORCHREPRO_TRACE)"
             )
         records.append((number, record, raw))
-    return headers, records, torn
+    return Parsed(headers, records, torn, end)
 
 
 def read_trace(path: str | os.PathLike[str], *, max_bytes: int = MAX_BYTES) -> TraceData:
@@ -294,12 +338,13 @@ def read_trace(path: str | os.PathLike[str], *, max_bytes: int = MAX_BYTES) -> T
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
         raise TypeError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
     name = os.fspath(path)
-    headers, records, torn = parse(name, max_bytes)
+    parsed = parse(name, max_bytes)
     return TraceData(
         name,
-        headers[0][1],
-        [r for _, r, _ in records],
-        torn,
-        [h for _, h in headers],
-        [start for start, _ in headers],
+        parsed.headers[0][1],
+        [r for _, r, _ in parsed.records],
+        parsed.torn,
+        [h for _, h in parsed.headers],
+        [start for start, _ in parsed.headers],
+        parsed.end,
     )

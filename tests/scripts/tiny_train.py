@@ -2,7 +2,8 @@
 
 Environment knobs for the tests:
     TINY_NUDGE_MARKER=path  the second run (the marker exists) nudges a weight by one ulp
-    TINY_NUDGE_STEP=N       ... at step N only (default 7)
+    TINY_NUDGE=1            every run nudges it (a deterministic difference, for --vary)
+    TINY_NUDGE_STEP=N       ... at step N only, after its update (default 7)
     TINY_CRASH=1            raise at step 3
     TINY_NO_TRACE=1         never create a Trace
     TINY_NO_CHECKPOINT=1    never create a Checkpointer
@@ -37,9 +38,9 @@ def main() -> None:
     torchrepro.seed_everything(0 if os.environ.get("TINY_FIXED_SEED") else None)
     torchrepro.deterministic("strict")
     nudge_marker = os.environ.get("TINY_NUDGE_MARKER")
-    nudge = False
+    nudge = os.environ.get("TINY_NUDGE") == "1"
     if nudge_marker:
-        nudge = os.path.exists(nudge_marker)
+        nudge = nudge or os.path.exists(nudge_marker)
         open(nudge_marker, "a").close()
     nudge_step = int(os.environ.get("TINY_NUDGE_STEP", "7"))
 
