@@ -226,8 +226,10 @@ def test_check_does_not_rerun_unbounded_without_a_checkpoint(tmp_path, monkeypat
     script = Path(__file__).resolve().parent / "scripts" / "tiny_train.py"
     monkeypatch.setenv("TINY_NUDGE_MARKER", str(tmp_path / "marker"))
     monkeypatch.setenv("TINY_NO_CHECKPOINT", "1")
+    monkeypatch.setenv("TORCHREPRO_TRACE_STATE_EVERY", "1")  # step 7 is exact: no pinpoint
     report = run_check([sys.executable, str(script)], runs=2, keep=tmp_path / "runs", seed=0)
-    assert report.comparisons[0].first_step == 7
+    assert report.comparisons[0].first_step == 7 and report.comparisons[0].exact
     assert report.localization is None
     assert "no checkpoint before step 7 was kept" in report.localization_note
     assert not list((tmp_path / "runs").glob("localize*"))
+    assert not list((tmp_path / "runs").glob("pinpoint*"))

@@ -20,7 +20,10 @@ SCRIPT = Path(__file__).resolve().parent / "scripts" / "planted_digits.py"
     ("plant", "step", "rerun"),
     [
         ("module", 1, 'from the start of "run 1" to step 1 (1 step each)'),
-        ("module-late", 4, 'from the checkpoint at step 2 of "run 1" to step 4 (2 steps each)'),
+        # The traces hold the state at step 1 only, so they bound the step to 2-4; the
+        # re-runs with the state every step (from the start: no checkpoint before step 2)
+        # part at step 4 and capture it per module on the way.
+        ("module-late", 4, 'from the start of "run 1" to step 4 (4 steps each)'),
     ],
 )
 def test_planted_module_is_named(tmp_path, monkeypatch, plant, step, rerun):
@@ -36,6 +39,9 @@ def test_planted_module_is_named(tmp_path, monkeypatch, plant, step, rerun):
         "forward output",
     )
     assert rerun in report.localization_note
+    if step > 1:
+        assert "the re-runs parted at step 4" in report.pinpoint_note
+        assert not list(tmp_path.glob("localize*"))  # the pinpoint re-runs' captures served
     data = report.to_dict()  # what `check --json` prints
     assert data["localization"]["module"] == "features.3"
     assert data["explanations"][0]["comparison"]["first_step"] == step
