@@ -1,17 +1,24 @@
 """Training-step time with ``torchrepro.Trace`` recording every step vs disabled.
 
-All variants run in one process on the same model, in interleaved blocks (ABBA: the
-order reverses every block), and the medians of the blocks' per-step times are compared.
-Models: the example's CNN on 8x8 digit-sized inputs (batch 64) and a ~5M-parameter MLP
-(batch 256), on CPU. Goal: at most 3% overhead (1.03x).
+All variants run in one process on the same model, in interleaved rounds: each round
+runs one block of every variant (the order reverses every round: ABBA). A block is
+``state_every`` (10) steps or a multiple, so each holds the same share of state records.
+The ratio of a variant is the median over rounds of (its block / the same round's "off"
+block); the spread is the interquartile range of those per-round ratios. Models: the
+example's CNN on 8x8 digit-sized inputs (batch 64) and a ~5M-parameter MLP (batch 256),
+on CPU. Goal: at most 3% overhead (1.03x) for the MLP.
 
 Variants, side by side:
     off       Trace disabled (the baseline)
-    v1        before: trace format 1's linear checksum, and norms on every step
-    v2 norms  the non-linear checksum (format 2), norms on every step (norm_every=1)
-    v2        the default: non-linear checksum on every step, norms every 10 steps
+    v1        format 1 (before issue 10): linear checksum of the whole state every step,
+              norms every step
+    v2        format 2: non-linear checksum of the whole state every step, norms every
+              10 steps (state_every=1)
+    v3        the default (format 3): the loss and batch every step, the model's state
+              every 10 steps (state_every=10), with the same non-linear checksum
 
-Then a profile of one traced MLP step: the checksums (v1 vs v2), the norms, and the rest.
+Then a profile of one MLP step's trace parts: the state checksums (v1 vs v2/v3), the
+norms.
 
     python benchmarks/trace_overhead.py            # a few minutes
     python benchmarks/trace_overhead.py --quick    # under a minute, noisier
@@ -98,7 +105,7 @@ def _linear(words: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return words * keys
 
 
-VARIANTS = ("off", "v1", "v2 norms", "v2")
+VARIANTS = ("off", "v1", "v2", "v3")
 
 
 def measure_variants(
@@ -107,9 +114,9 @@ def measure_variants(
     """Per-step seconds of each block, per variant, run in ABBA order."""
     traces = {
         "off": Trace(None),
-        "v1": Trace(os.path.join(tmp, "v1.jsonl"), norm_every=1),
-        "v2 norms": Trace(os.path.join(tmp, "v2n.jsonl"), norm_every=1),
-        "v2": Trace(os.path.join(tmp, "v2.jsonl")),
+        "v1": Trace(os.path.join(tmp, "v1.jsonl"), norm_every=1, state_every=1),
+        "v2": Trace(os.path.join(tmp, "v2.jsonl"), state_every=1),
+        "v3": Trace(os.path.join(tmp, "v3.jsonl")),
     }
     mixed = _checksum._mixed
 
@@ -124,7 +131,7 @@ def measure_variants(
             _checksum._mixed = mixed
 
     for name in VARIANTS:  # warm up (allocator, key tables, files, the fingerprint)
-        block(name, 3)
+        block(name, per_block)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for b in range(blocks):
         for name in VARIANTS if b % 2 == 0 else VARIANTS[::-1]:
@@ -145,8 +152,8 @@ def profile(model: nn.Module, repeats: int) -> dict[str, float]:
             _checksum._mixed = mixed
 
     parts = {
-        "checksums v1 (linear)": v1,
-        "checksums v2 (non-linear)": lambda: tensor_checksums(tensors),
+        "state checksums v1 (linear)": v1,
+        "state checksums v2/v3": lambda: tensor_checksums(tensors),
         "norms": lambda: tensor_norms(tensors),
     }
     results: dict[str, list[float]] = {name: [] for name in parts}
@@ -159,10 +166,14 @@ def profile(model: nn.Module, repeats: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in results.items()}
 
 
-def _spread(values: list[float]) -> str:
-    """The interquartile range of block times, relative to their median."""
+def _ratios(times: dict[str, list[float]], name: str) -> list[float]:
+    """Per round: the variant's block time over the same round's "off" block time."""
+    return [t / off for t, off in zip(times[name], times["off"], strict=True)]
+
+
+def _iqr(values: list[float]) -> float:
     q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
-    return f"{100 * (q[2] - q[0]) / q[1]:.1f}%"
+    return q[2] - q[0]
 
 
 def main() -> None:
@@ -180,37 +191,40 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.pop("TORCHREPRO_TRACE", None)  # the disabled variant must be disabled
     torch.manual_seed(0)
+    # (name, model, input, batch, steps per block, rounds): blocks hold whole state_every
+    # periods, so every block of v3 has the same share of state records
     cases = [
         ("CNN, 8x8 inputs, batch 64", cnn(), torch.randn(64, 1, 8, 8), 64, 20, 16),
-        ("MLP ~5M params, batch 256", mlp(), torch.randn(256, 784), 256, 4, 16),
+        ("MLP ~5M params, batch 256", mlp(), torch.randn(256, 784), 256, 10, 12),
     ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     print(
-        "ms per training step, median of interleaved (ABBA) blocks; ratio = variant / off; "
-        "spread = interquartile range of the off blocks / median"
+        "ms per training step (median over rounds), and the ratio to off: the median over "
+        "rounds of block / the round's off block, ± half the interquartile range of those ratios"
     )
-    cols = "".join(f"{name:>17}" for name in VARIANTS[1:])
-    print(f"{'model':28} {'params':>9} {'off':>9}{cols} {'spread':>7}")
+    cols = "".join(f"{name:>24}" for name in VARIANTS[1:])
+    print(f"{'model':28} {'params':>9} {'off':>8}{cols}")
     mlp_model = None
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model, x, batch, default_per_block, default_blocks in cases:
-            blocks = 6 if args.quick else default_blocks
-            per_block = max(default_per_block // 2, 2) if args.quick else default_per_block
+        for name, model, x, batch, per_block, default_rounds in cases:
+            rounds = 6 if args.quick else default_rounds
             model.train()
             y = torch.randint(0, 10, (batch,))
-            times = measure_variants(make_step(model, x, y), tmp, blocks, per_block)
+            times = measure_variants(make_step(model, x, y), tmp, rounds, per_block)
             med = {k: statistics.median(v) for k, v in times.items()}
             params = sum(p.numel() for p in model.parameters())
-            cells = "".join(
-                f"{med[k] * 1e3:.2f} ({med[k] / med['off']:.3f}x)".rjust(17) for k in VARIANTS[1:]
-            )
-            print(
-                f"{name:28} {params:>9,} {med['off'] * 1e3:>9.2f}{cells} {_spread(times['off']):>7}"
-            )
+            cells = ""
+            for k in VARIANTS[1:]:
+                ratios = _ratios(times, k)
+                cell = (
+                    f"{med[k] * 1e3:.2f} ({statistics.median(ratios):.3f}x ±{_iqr(ratios) / 2:.3f})"
+                )
+                cells += cell.rjust(24)
+            print(f"{name:28} {params:>9,} {med['off'] * 1e3:>8.2f}{cells}")
             mlp_model = model
     assert mlp_model is not None
     parts = profile(mlp_model, 10 if args.quick else 40)
-    print("profile of one MLP step's trace (ms, median):")
+    print("profile of one MLP step's trace parts (ms, median):")
     for part, ms in parts.items():
         print(f"  {part:28} {ms:8.3f}")
 

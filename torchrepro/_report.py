@@ -422,7 +422,10 @@ def check_page(report: CheckReport, title: str, *, image_format: str = "svg") ->
         ok=report.reproducible,
         runs=runs,
         comparisons=report.comparisons,
-        findings=explanation_findings(first, report.localization),
+        findings=[
+            *([report.pinpoint_note] if report.pinpoint_note else []),
+            *explanation_findings(first, report.localization),
+        ],
         localization=report.localization,
         localization_note=report.localization_note,
         suspects=first.suspects if first else [],
