@@ -781,6 +781,46 @@ def _rerun(
     return trace, problem
 
 
+def _rerun_both(
+    command: Sequence[str],
+    pair: tuple[RunResult, RunResult],
+    root: Path,
+    kind: str,
+    *,
+    base_env: dict[str, str],
+    start: int,
+    checkpoint: Path | None,
+    step: int,
+    extra: dict[str, str],
+    progress: Progress | None,
+    timeout: float | None,
+) -> list[tuple[RunSpec, Path, str | None]]:
+    """:func:`_rerun` the reference and the other run into ``<root>/<kind>1`` and ``2``.
+
+    ``checkpoint`` is the reference's checkpoint of step ``start`` (None: from the start).
+    Stops after the first failed re-run. Returns ``(spec, trace path, problem)`` of each.
+    """
+    done = []
+    for index, result in enumerate(pair):
+        path, problem = _rerun(
+            command,
+            result.spec,
+            root / f"{kind}{index + 1}",
+            base_env=base_env,
+            checkpoint=checkpoint,
+            reference_trace=pair[0].directory / "trace.jsonl",
+            step=step,
+            extra=extra,
+            progress=progress,
+            timeout=timeout,
+            label=f"{kind} {result.spec.name}: steps {start + 1}..{step}",
+        )
+        done.append((result.spec, path, problem))
+        if problem is not None:
+            break
+    return done
+
+
 def _pinpoint_divergence(
     report: CheckReport,
     command: Sequence[str],
@@ -816,20 +856,19 @@ def _pinpoint_divergence(
     start = max((k for k in kept if k < earliest), default=0)
     report.pinpoint_start = start
     traces: list[TraceData] = []
-    for index, spec in enumerate((reference.spec, run.spec)):
-        path, problem = _rerun(
-            command,
-            spec,
-            root / f"pinpoint{index + 1}",
-            base_env=base_env,
-            checkpoint=kept.get(start),
-            reference_trace=reference.directory / "trace.jsonl",
-            step=step,
-            extra={_envvars.TRACE_STATE_EVERY: "1"},
-            progress=progress,
-            timeout=timeout,
-            label=f"pinpoint {spec.name}: steps {start + 1}..{step}",
-        )
+    for spec, path, problem in _rerun_both(
+        command,
+        (reference, run),
+        root,
+        "pinpoint",
+        base_env=base_env,
+        start=start,
+        checkpoint=kept.get(start),
+        step=step,
+        extra={_envvars.TRACE_STATE_EVERY: "1"},
+        progress=progress,
+        timeout=timeout,
+    ):
         try:
             if problem is not None:
                 raise TraceError(problem)
@@ -965,22 +1004,24 @@ def _localize_divergence(
             f"train {step} steps from the start (use --localize to re-run anyway)"
         )
         return
-    for index, spec in enumerate((reference.spec, run.spec)):
-        if len(captures) == 2:
-            break
-        trace, problem = _rerun(
+    rerun = (
+        []
+        if captures
+        else _rerun_both(
             command,
-            spec,
-            root / f"localize{index + 1}",
+            (reference, run),
+            root,
+            "localize",
             base_env=base_env,
+            start=start,
             checkpoint=kept.get(start),
-            reference_trace=reference.directory / "trace.jsonl",
             step=step,
             extra={},
             progress=progress,
             timeout=timeout,
-            label=f"localize {spec.name}: steps {start + 1}..{step}",
         )
+    )
+    for spec, trace, problem in rerun:
         try:
             if problem is not None:
                 raise TraceError(problem)
