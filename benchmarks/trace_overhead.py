@@ -100,9 +100,14 @@ def measure(
     return tuple(statistics.median(times[k]) for k in ("traced", "disabled", "inside"))  # type: ignore[return-value]
 
 
-def _linear(words: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def _linear(
+    words: torch.Tensor,
+    keys: torch.Tensor,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Format 1's per-word term: the word times its key (the sum is the same otherwise)."""
-    return words * keys
+    return torch.mul(words, keys, out=out) if out is not None else words * keys
 
 
 VARIANTS = ("off", "v1", "v2", "v3")

@@ -110,6 +110,20 @@ def test_large_path_matches_reference(words: int) -> None:
     assert tensor_checksum(t) == _reference(t)
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 2, 3])
+def test_blocks_and_their_reused_buffers_match_reference(
+    monkeypatch: pytest.MonkeyPatch, rows_per_block: int
+) -> None:
+    """Several CPU blocks, a short last one, a tail: the reused workspace leaks nothing."""
+    monkeypatch.setattr(_checksum, "_CPU_BLOCK_WORDS", rows_per_block * _checksum._C)
+    g = torch.Generator().manual_seed(rows_per_block)
+    for words in (5 * _checksum._C + 7, 2 * _checksum._C, 7):
+        t = torch.randint(-(2**62), 2**62, (words,), dtype=torch.int64, generator=g)
+        assert tensor_checksum(t) == _reference(t)
+    small = [torch.randn(n, generator=g) for n in (3, 100, 2000)]
+    assert tensor_checksums(small) == [_reference(t) for t in small]
+
+
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.bool])
 def test_layout_does_not_matter(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)

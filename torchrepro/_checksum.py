@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -97,10 +98,20 @@ def _xorshift_(y: torch.Tensor, shift: int, scratch: torch.Tensor) -> None:
     y.bitwise_xor_(scratch)
 
 
-def _mixed(words: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``h(words XOR keys)`` elementwise (``keys`` broadcasts), in a new int64 tensor."""
-    y = torch.bitwise_xor(words, keys)
-    scratch = torch.empty_like(y)  # one temporary for the three shifts
+def _mixed(
+    words: torch.Tensor,
+    keys: torch.Tensor,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``h(words XOR keys)`` elementwise (``keys`` broadcasts), in ``out`` or a new tensor.
+
+    ``out`` and ``scratch`` (both of ``words``' shape, int64) avoid allocating: on CPU a
+    fresh multi-megabyte buffer costs its page faults, more than the arithmetic.
+    """
+    y = torch.bitwise_xor(words, keys, out=out) if out is not None else words ^ keys
+    if scratch is None:
+        scratch = torch.empty_like(y)  # one temporary for the three shifts
     _xorshift_(y, 33, scratch)
     y.mul_(_signed(_H1))
     _xorshift_(y, 29, scratch)
@@ -125,6 +136,18 @@ _layouts: dict[
     tuple[torch.device, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ] = {}
 _zeros: dict[torch.device, torch.Tensor] = {}
+_workspace = threading.local()  # per thread: two CPU blocks of int64, reused
+
+
+def _cpu_workspace() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two int64 buffers of ``_CPU_BLOCK_WORDS`` for this thread (8 MiB, kept for reuse)."""
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None or buffers[0].numel() < _CPU_BLOCK_WORDS:
+        buffers = _workspace.buffers = (
+            torch.empty(_CPU_BLOCK_WORDS, dtype=torch.int64),
+            torch.empty(_CPU_BLOCK_WORDS, dtype=torch.int64),
+        )
+    return buffers
 
 
 def _table_a(device: torch.device) -> torch.Tensor:
@@ -180,9 +203,20 @@ def _large_sum(words: torch.Tensor) -> torch.Tensor:
     full, rest = divmod(m, _C)
     a, b = _table(words.device, full + 1)
     rows = words[: full * _C].view(full, _C)
-    block = _CPU_BLOCK_WORDS if words.device.type == "cpu" else _DEVICE_BLOCK_WORDS
-    step = max(block // _C, 1)
-    row_sums = torch.cat([_mixed(rows[i : i + step], a).sum(1) for i in range(0, full, step)])
+    if words.device.type == "cpu":
+        out, scratch = _cpu_workspace()
+        step = _CPU_BLOCK_WORDS // _C
+
+        def block_sums(i: int) -> torch.Tensor:
+            size = min(step, full - i) * _C
+            shape = (size // _C, _C)
+            y = _mixed(rows[i : i + step], a, out[:size].view(shape), scratch[:size].view(shape))
+            return y.sum(1)
+
+        row_sums = torch.cat([block_sums(i) for i in range(0, full, step)])
+    else:
+        step = max(_DEVICE_BLOCK_WORDS // _C, 1)
+        row_sums = torch.cat([_mixed(rows[i : i + step], a).sum(1) for i in range(0, full, step)])
     total = (row_sums * b[:full]).sum()
     if rest:
         total = total + _mixed(words[full * _C :], a[:rest]).sum() * b[full]
@@ -219,7 +253,13 @@ def _small_sums(raw: list[torch.Tensor], counts: tuple[int, ...]) -> torch.Tenso
     """
     device = raw[0].device
     weights, start, end = _layout(device, counts)
-    products = _mixed(torch.cat(raw).view(torch.int64), weights)
+    words = torch.cat(raw).view(torch.int64)
+    n = words.numel()
+    if device.type == "cpu" and n <= _CPU_BLOCK_WORDS:
+        out, scratch = _cpu_workspace()
+        products = _mixed(words, weights, out[:n], scratch[:n])
+    else:
+        products = _mixed(words, weights)
     cumulative = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), products.cumsum(0)])
     # differences of a wrap-around prefix sum are exact modulo 2**64
     return cumulative[end] - cumulative[start]
