@@ -221,3 +221,19 @@ def test_norms() -> None:
     assert tensor_norms(
         [torch.tensor([1.0 + 1.0j]), torch.ones(4, dtype=torch.bfloat16)]
     ) == pytest.approx([2**0.5, 2.0])
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int8, torch.bool]
+)
+def test_tiny_cpu_tensors_summed_on_the_host_equal_the_device_path(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """A loss takes the Python path; it must give the very checksum the tensor path gives."""
+    g = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(n, generator=g).to(dtype) for n in range(0, 40)]
+    tensors += [torch.tensor(-0.0).to(dtype), torch.randn(3, 2, generator=g).t().to(dtype)]
+    host = tensor_checksums(tensors)
+    assert host == [_reference(t) for t in tensors]
+    monkeypatch.setattr(_checksum, "_HOST_WORDS", 0)  # every tensor on the tensor path
+    assert tensor_checksums(tensors) == host

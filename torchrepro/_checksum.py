@@ -46,6 +46,7 @@ _MASK = 2**64 - 1
 _C = 1 << 14  # words per row of the weight table
 _SMALL_BATCH_WORDS = 1 << 20  # cap on one batch of small tensors (bounds the layout cache)
 _MAX_LAYOUTS = 64
+_HOST_WORDS = 4  # CPU tensors up to this many words are summed in Python (e.g. a loss)
 _CPU_BLOCK_WORDS = 1 << 19  # 4 MiB of int64 temporaries per block: stays in cache
 _DEVICE_BLOCK_WORDS = 1 << 25
 
@@ -265,6 +266,26 @@ def _small_sums(raw: list[torch.Tensor], counts: tuple[int, ...]) -> torch.Tenso
     return cumulative[end] - cumulative[start]
 
 
+@functools.lru_cache(maxsize=_HOST_WORDS)
+def _py_key(position: int) -> int:
+    return _py_weight(position, _SALT_A)
+
+
+def _host_sum(data: torch.Tensor) -> int:
+    """``S`` of a CPU tensor of at most ``_HOST_WORDS`` words, in Python integers.
+
+    The same definition as the device path (``B[0] = 1``); for a loss, one ``tolist``
+    costs less than a dozen tiny tensor operations.
+    """
+    raw = bytes(data.tolist())
+    raw += b"\0" * (-len(raw) % 8)
+    total = 0
+    for k in range(len(raw) // 8):
+        word = int.from_bytes(raw[8 * k : 8 * k + 8], "little")
+        total += _py_mix(word ^ _py_key(k))
+    return total & _MASK
+
+
 def _device_sums(tensors: Sequence[torch.Tensor]) -> list[int]:
     """``S`` of tensors that share one device, with a single transfer to the host."""
     pieces: list[torch.Tensor] = []  # sums, in the order of ``slots``
@@ -272,10 +293,14 @@ def _device_sums(tensors: Sequence[torch.Tensor]) -> list[int]:
     raw: list[torch.Tensor] = []  # the current batch of small tensors
     counts: list[int] = []
     members: list[int] = []
+    host: dict[int, int] = {}  # sums of tiny CPU tensors, computed in Python
     for i, t in enumerate(tensors):
         data = _bytes(t)
         n = data.numel()
         words = -(-n // 8)
+        if words <= _HOST_WORDS and data.device.type == "cpu":
+            host[i] = _host_sum(data)
+            continue
         if words > _C:
             pieces.append(_large_sum(_words(data)).reshape(1))
             slots.append(i)
@@ -292,8 +317,10 @@ def _device_sums(tensors: Sequence[torch.Tensor]) -> list[int]:
     if counts:
         pieces.append(_small_sums(raw, tuple(counts)))
         slots.extend(members)
-    values = torch.cat(pieces).tolist()
+    values = torch.cat(pieces).tolist() if pieces else []
     sums = [0] * len(tensors)
+    for slot, value in host.items():
+        sums[slot] = value
     for slot, value in zip(slots, values, strict=True):
         sums[slot] = value & _MASK
     return sums
