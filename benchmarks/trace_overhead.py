@@ -200,7 +200,7 @@ def main() -> None:
     # periods, so every block of v3 has the same share of state records
     cases = [
         ("CNN, 8x8 inputs, batch 64", cnn(), torch.randn(64, 1, 8, 8), 64, 20, 16),
-        ("MLP ~5M params, batch 256", mlp(), torch.randn(256, 784), 256, 10, 12),
+        ("MLP ~5M params, batch 256", mlp(), torch.randn(256, 784), 256, 10, 20),
     ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     print(
