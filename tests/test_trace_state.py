@@ -194,3 +194,19 @@ def test_only_an_end_line_after_the_last_record_counts(tmp_path):
     assert last.end == {"step": 1, "entries": end["entries"]}
     with pytest.raises(TraceError, match=r"not a trace record \(\{'end': int"):
         read_trace(_write(tmp_path / "d", head, step(1), {"end": "1", "entries": []}))
+
+
+def test_no_end_line_when_untraced_steps_moved_the_model_on(tmp_path):
+    """With every=3, steps after the last traced one change the model: no mislabelled end."""
+    path = tmp_path / "t.jsonl"
+    trace = Trace(path, every=3)
+    _train(_model(), trace, 7)  # traces 3 and 6; step 7 is counted, not traced
+    trace.close()
+    data = read_trace(path)
+    assert data.steps == [3, 6] and data.end is None
+    again = tmp_path / "u.jsonl"
+    trace = Trace(again, every=3)
+    _train(_model(), trace, 6)
+    trace.close()
+    end = read_trace(again).end
+    assert end is not None and end["step"] == 6

@@ -180,13 +180,13 @@ class Trace:
     The model's state is every parameter of ``model`` by name, every buffer (e.g.
     BatchNorm running statistics) and every gradient (with ``grads=True``; a ``None``
     gradient is recorded as such). It is recorded on the first step a process traces, on
-    the steps ``n`` with ``n % state_every == 0``, and once more when the process ends (:meth:`close`, the end
-    of a ``with`` block, or interpreter exit) after a step that did not record it: an
-    *end* line with the state the run ended with. Checksumming the state costs about 10%
-    of an MLP's training step on CPU; every 10th step it costs 1% and two runs that
-    diverge still disagree at the step they part, in the loss or the batch, or at the next
-    state record. ``torchrepro check`` then re-runs that interval with
-    ``TORCHREPRO_TRACE_STATE_EVERY=1`` to name the exact step.
+    the steps ``n`` with ``n % state_every == 0``, and once more when the trace ends
+    (:meth:`close`, the end of a ``with`` block, garbage collection, or interpreter exit)
+    right after a traced step that did not record it: an *end* line with the state the
+    run ended with. Checksumming the state costs about 10% of an MLP's training step on
+    CPU; every 10th step it costs 1%, and two runs that part still disagree at that step's
+    loss or batch, or at the next state record. ``torchrepro check`` then re-runs that
+    interval with ``TORCHREPRO_TRACE_STATE_EVERY=1`` to name the exact step.
 
     Each process writing to the file first writes a header line: format version,
     torchrepro and torch versions, rank, world size, ``every``, ``grads``, ``norm_every``,
@@ -424,8 +424,8 @@ class Trace:
             return
         step, model = pending
         path = self._resolve()
-        if path is None:
-            return
+        if path is None or step != self._step:
+            return  # untraced steps (``every``) moved the model on: it is not step's state
         items = self._state_items(model)
         assert all(kind in STATE_KINDS for _, kind, _ in items)
         self._write(path, {"end": step, "entries": _entries(items, with_norms=True)})
