@@ -311,3 +311,21 @@ def test_garbled_last_line_with_newline_counts_as_torn(tmp_path: Path) -> None:
     )
     data = read_trace(path)
     assert (data.steps, data.torn) == ([1], True)
+
+
+@pytest.mark.parametrize("nudge", [False, True])
+def test_an_end_line_compares_with_a_last_record_that_held_the_state(
+    tmp_path: Path, nudge: bool
+) -> None:
+    """E.g. a resumed process whose first (state) step is the last: ends still compare."""
+    _train(tmp_path / "a", state_every=6)  # states at 1, 6, 12: the last record holds it
+    _train(tmp_path / "b", state_every=5, nudge_at=12 if nudge else None, after_update=True)
+    assert read_trace(tmp_path / "a").end is None
+    assert read_trace(tmp_path / "b").end is not None
+    result = compare_traces(tmp_path / "a", tmp_path / "b")
+    assert result.end_compared
+    if not nudge:
+        assert result.identical
+        return
+    assert (result.first_step, result.earliest_step, result.at_end) == (12, 2, True)
+    assert [(e.kind, e.name) for e in result.entries] == [("param", "2.weight")]

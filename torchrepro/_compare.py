@@ -414,17 +414,10 @@ def compare_traces(
             first_step, entries = step, diffs
         else:
             later += 1
-    end_compared, at_end = _compare_ends(ref, oth, common, names)
-    if first_step is None and at_end:
-        first_step, entries = (
-            common[-1],
-            _diff_entries(
-                ref.end["entries"] if ref.end else [],
-                oth.end["entries"] if oth.end else [],
-                names,
-                state=True,
-            ),
-        )
+    end_compared, end_diffs = _compare_ends(ref, oth, common, names)
+    at_end = bool(end_diffs) and first_step is None
+    if at_end:
+        first_step, entries = common[-1], end_diffs
     only_ref = sorted(set(ref_steps) - set(oth_steps))
     only_oth = sorted(set(oth_steps) - set(ref_steps))
     for name, missing, has in (
@@ -485,7 +478,7 @@ def compare_traces(
         earliest_step=earliest,
         state_steps=state_steps,
         end_compared=end_compared,
-        at_end=at_end and first_step == common[-1] and not later,
+        at_end=at_end,
     )
 
 
@@ -502,17 +495,20 @@ def _end_state(data: TraceData, last: int) -> dict[str, Any] | None:
 
 def _compare_ends(
     ref: TraceData, oth: TraceData, common: list[int], names: tuple[str, str]
-) -> tuple[bool, bool]:
-    """``(compared, differ)`` for the states both runs ended with after their last common step."""
+) -> tuple[bool, list[EntryDiff]]:
+    """``(compared, differing state entries)`` of the states both runs ended with.
+
+    The states after the last common step: an end line, or a last record holding the state.
+    """
     if not common:
-        return False, False
-    ends = _end_state(ref, common[-1]), _end_state(oth, common[-1])
-    if ends[0] is None or ends[1] is None:
-        return False, False
+        return False, []
+    a, b = _end_state(ref, common[-1]), _end_state(oth, common[-1])
+    if a is None or b is None:
+        return False, []
     if _state(ref.records[-1]) and _state(oth.records[-1]):
-        return True, False  # the last records held the state: compared with the steps
-    diffs = _diff_entries(ends[0]["entries"], ends[1]["entries"], names, state=True)
-    return True, bool([d for d in diffs if d.kind in STATE_KINDS])
+        return True, []  # the last records held the state: compared with the steps
+    state = [[e for e in end["entries"] if e.get("kind") in STATE_KINDS] for end in (a, b)]
+    return True, _diff_entries(state[0], state[1], names, state=True)
 
 
 def _state_unrecorded_at_end(ref: TraceData, oth: TraceData, last: int) -> bool:
