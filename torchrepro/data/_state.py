@@ -98,23 +98,48 @@ def check_same(key: str, saved: object, here: object) -> None:
         )
 
 
-def map_state(
-    *, seed: int, epoch: int, batches: int, order: Order, batch_size: int | None
+def _fields(
+    *,
+    seed: int,
+    epoch: int,
+    batches: int,
+    samples: int,
+    length: int,
+    batch_size: int | None,
+    drop_last: bool,
+    shuffle: bool,
+    world_size: int,
 ) -> dict[str, Any]:
-    """The state for torchrepro's own order."""
     return {
         "version": STATE_VERSION,
         "kind": "map",
         "seed": seed,
         "epoch": epoch,
         "batches_received": batches,
-        "samples_consumed": order.samples_consumed(batches),
-        "dataset_length": order.length,
+        "samples_consumed": samples,
+        "dataset_length": length,
         "batch_size": batch_size,
-        "drop_last": order.drop_last,
-        "shuffle": order.shuffle,
-        "world_size": order.world_size,
+        "drop_last": drop_last,
+        "shuffle": shuffle,
+        "world_size": world_size,
     }
+
+
+def map_state(
+    *, seed: int, epoch: int, batches: int, order: Order, batch_size: int | None
+) -> dict[str, Any]:
+    """The state for torchrepro's own order."""
+    return _fields(
+        seed=seed,
+        epoch=epoch,
+        batches=batches,
+        samples=order.samples_consumed(batches),
+        length=order.length,
+        batch_size=batch_size,
+        drop_last=order.drop_last,
+        shuffle=order.shuffle,
+        world_size=order.world_size,
+    )
 
 
 def sampler_state(
@@ -130,20 +155,18 @@ def sampler_state(
 ) -> dict[str, Any]:
     """The state for a user's sampler: batches received, replayed on resume
     (``samples_consumed`` repeats ``batches``: see the module docstring)."""
-    return {
-        "version": STATE_VERSION,
-        "kind": "map",
-        "seed": seed,
-        "epoch": epoch,
-        "batches_received": batches,
-        "samples_consumed": samples,
-        "dataset_length": length,
-        "batch_size": batch_size,
-        "drop_last": drop_last,
-        "shuffle": False,
-        "world_size": world_size,
-        "order": "sampler",
-    }
+    fields = _fields(
+        seed=seed,
+        epoch=epoch,
+        batches=batches,
+        samples=samples,
+        length=length,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        shuffle=False,
+        world_size=world_size,
+    )
+    return {**fields, "order": "sampler"}
 
 
 def load_sampler(
