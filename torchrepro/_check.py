@@ -117,7 +117,6 @@ class CheckReport:
     localization_note: str = ""
     # How the exact first divergent step was found, when the traces only bounded it.
     pinpoint_note: str = ""
-    pinpoint_start: int = 0  # the step the pinpoint re-runs started after
 
     def _pairs(self) -> list[tuple[RunResult, Comparison]]:
         return list(zip(self.runs[1:], self.comparisons, strict=False))
@@ -829,7 +828,7 @@ def _pinpoint_divergence(
     *,
     progress: Progress | None,
     timeout: float | None,
-) -> tuple[Path, Path] | None:
+) -> tuple[int, tuple[Path, Path]] | None:
     """Find the exact first divergent step when the traces only bound it.
 
     Traces record the model's state every ``state_every`` steps, so the first record
@@ -842,7 +841,8 @@ def _pinpoint_divergence(
     the bound stays, with a note that says why.
 
     Returns:
-        The re-runs' capture files (of step ``first_step``), or None when nothing ran.
+        The step the re-runs started after, and their capture files (of the bound's last
+        step), or None when no exact step was found.
     """
     target = _first_divergence(report)
     if target is None:
@@ -854,7 +854,6 @@ def _pinpoint_divergence(
     reference = report.runs[0]
     kept = _kept_checkpoints(reference.directory)
     start = max((k for k in kept if k < earliest), default=0)
-    report.pinpoint_start = start
     traces: list[TraceData] = []
     for spec, path, problem in _rerun_both(
         command,
@@ -928,7 +927,7 @@ def _pinpoint_divergence(
         later_differing_steps=pinned.later_differing_steps + comparison.later_differing_steps,
     )
     paths = [root / f"pinpoint{i}" / ("trace.jsonl" + CAPTURE_SUFFIX) for i in (1, 2)]
-    return paths[0], paths[1]
+    return start, (paths[0], paths[1])
 
 
 def _did_not_repeat(names: list[str]) -> str:
@@ -958,7 +957,7 @@ def _localize_divergence(
     force: bool | None,
     progress: Progress | None,
     timeout: float | None = None,
-    captured: tuple[Path, Path] | None = None,
+    captured: tuple[int, tuple[Path, Path]] | None = None,
 ) -> None:
     """Name the first module whose output or gradient differs at the first divergent step N.
 
@@ -968,8 +967,9 @@ def _localize_divergence(
     agreed up to N) with ``TORCHREPRO_LOCALIZE_STEP=N``; each re-run ends after step N,
     so it costs at most one checkpoint interval. Without a checkpoint before N it starts
     from scratch, which ``localize=None`` allows only for N = 1 or N within the first
-    checkpoint interval. Nothing runs when the runs agree. ``captured``: the capture files
-    of the pinpoint re-runs (:func:`_pinpoint_divergence`), used when they are of step N.
+    checkpoint interval. Nothing runs when the runs agree. ``captured``: the step the
+    pinpoint re-runs started after and their capture files (:func:`_pinpoint_divergence`),
+    used when the captures are of step N.
     """
     target = _first_divergence(report)
     if target is None:
@@ -995,9 +995,9 @@ def _localize_divergence(
     start = max((k for k in kept if k < step), default=0)
     interval = min(kept, default=None)
     captures = []
-    if captured is not None and all(_capture_step(p) == step for p in captured):
-        captures = [read_capture(str(p)) for p in captured]  # the pinpoint re-runs took them
-        start = report.pinpoint_start
+    if captured is not None and all(_capture_step(p) == step for p in captured[1]):
+        start = captured[0]  # the pinpoint re-runs captured step N on their way
+        captures = [read_capture(str(p)) for p in captured[1]]
     elif not force and step - start > 1 and (interval is None or step - start > interval):
         report.localization_note = (
             f"not localized: no checkpoint before step {step} was kept, so the re-run would "

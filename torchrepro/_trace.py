@@ -31,7 +31,6 @@ from ._fingerprint import fingerprint
 from ._localize import Capture
 from ._statedict import check_versioned
 from ._tracefile import (
-    STATE_KINDS,
     TRACE_FORMAT,
     TRACE_VERSION,
     encode,
@@ -426,9 +425,8 @@ class Trace:
         path = self._resolve()
         if path is None or step != self._step:
             return  # untraced steps (``every``) moved the model on: it is not step's state
-        items = self._state_items(model)
-        assert all(kind in STATE_KINDS for _, kind, _ in items)
-        self._write(path, {"end": step, "entries": _entries(items, with_norms=True)})
+        entries = _entries(self._state_items(model), with_norms=True)
+        self._write(path, {"end": step, "entries": entries})
 
     def _header(self) -> dict[str, Any]:
         noted = _runinfo.facts()

@@ -291,9 +291,8 @@ def parse(path: str, max_bytes: int = MAX_BYTES) -> Parsed:
         record = _check_record(value, path, number)
         if "end" in record:
             after = records[-1][1]["step"] if records else None
-            end = {"step": record["end"], "entries": record["entries"]}
-            if record["end"] != after:
-                end = None
+            named = record["end"] == after  # else it is not the state after the last record
+            end = {"step": record["end"], "entries": record["entries"]} if named else None
             continue
         end = None
         if records and record["step"] <= records[-1][1]["step"]:
