@@ -36,9 +36,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from torchrepro import _checksum
-from torchrepro._checksum import tensor_checksums, tensor_norms
-from torchrepro._trace import Trace
+from torchrepro.trace import _checksum
+from torchrepro.trace._checksum import tensor_checksums, tensor_norms
+from torchrepro.trace._trace import Trace
 
 
 def cnn() -> nn.Module:

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-import torchrepro._seed
+import torchrepro.core._seed
 
 REPO = Path(__file__).resolve().parent.parent
 
 # The suite is not a training run: silence the PYTHONHASHSEED advice (test_seed tests it).
-torchrepro._seed._hash_seed_warned = True
+torchrepro.core._seed._hash_seed_warned = True
 
 
 def _flags() -> dict[str, Any]:
@@ -80,8 +80,7 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     env = _env()
     flags = _flags()
     rng = _rng()
-    warned = torchrepro._seed._hash_seed_warned
-    torchrepro._runinfo.clear()  # notes of earlier tests' loaders must not reach this one's trace
+    warned = torchrepro.core._seed._hash_seed_warned
     yield
     leaks = []
     if _env() != env:
@@ -110,7 +109,7 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     random.setstate(rng[0])
     np.random.set_state(rng[1])
     torch.set_rng_state(rng[2])
-    torchrepro._seed._hash_seed_warned = warned
+    torchrepro.core._seed._hash_seed_warned = warned
     if leaks:
         pytest.fail("test leaked global state: " + "; ".join(leaks), pytrace=False)
 

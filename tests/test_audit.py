@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from torchrepro._audit import AuditReport, audit
-from torchrepro._rng import isolated_rng
+from torchrepro.core._rng import isolated_rng
+from torchrepro.trace._audit import AuditReport, audit
 
 
 class Noise(nn.Module):

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchrepro import _checksum
-from torchrepro._checksum import tensor_checksum, tensor_checksums, tensor_norm, tensor_norms
+from torchrepro.trace import _checksum
+from torchrepro.trace._checksum import tensor_checksum, tensor_checksums, tensor_norm, tensor_norms
 
 DTYPES = [
     torch.bool,

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from torchrepro._checksum import tensor_checksum, tensor_checksums
+from torchrepro.trace._checksum import tensor_checksum, tensor_checksums
 
 FLOATS = [
     torch.float16,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import torchrepro._process
+import torchrepro.check._process
 from torchrepro._cli import main
-from torchrepro._process import Finished, run_in_group, tail
+from torchrepro.check._process import Finished, run_in_group, tail
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; signals and groups are POSIX"
@@ -240,7 +240,7 @@ def test_check_interrupted_also_stops_descendants_in_other_sessions(tmp_path):
 
 
 def test_run_in_group_kills_what_the_command_left_in_another_session(tmp_path, monkeypatch):
-    monkeypatch.setattr(torchrepro._process, "LOOK_EVERY_S", 0.2)
+    monkeypatch.setattr(torchrepro.check._process, "LOOK_EVERY_S", 0.2)
     command = f"setsid sleep 1000 & echo $! > {tmp_path}/sleep.pid; sleep 2"
     finished = run_in_group(
         ["bash", "-c", command], dict(os.environ), stdout=tmp_path / "o", stderr=tmp_path / "e"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchrepro._compare import Comparison, TraceData, TraceError, compare_traces, read_trace
-from torchrepro._rng import isolated_rng
-from torchrepro._trace import Trace
+from torchrepro.core._rng import isolated_rng
+from torchrepro.trace._compare import Comparison, TraceData, TraceError, compare_traces, read_trace
+from torchrepro.trace._trace import Trace
 
 
 def _train(
@@ -281,7 +281,7 @@ def test_missing_file_and_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_comparison_format_truncates_entries() -> None:
-    from torchrepro._compare import EntryDiff
+    from torchrepro.trace._compare import EntryDiff
 
     entries = [
         EntryDiff(f"p{i}", "param", "norm", 1.0, float("inf"), float("inf"), "01", "02")

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from torchrepro import TorchreproError, TorchreproWarning
-from torchrepro._seed import derive_words
+from torchrepro.core._seed import derive_words
 from torchrepro.data import DataLoader, sample_seed
 from torchrepro.data._sampler import Order
 from torchrepro.data._seeding import _Seeder

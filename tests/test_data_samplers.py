@@ -286,7 +286,7 @@ def test_set_epoch_to_another_epoch_starts_it() -> None:
 
 
 def _fake_world(monkeypatch: pytest.MonkeyPatch, world: int, rank: int) -> None:
-    from torchrepro import _dist
+    from torchrepro.core import _dist
 
     monkeypatch.setattr(_dist, "world_size", lambda: world)
     monkeypatch.setattr(_dist, "group_rank", lambda: rank)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from torchrepro._cli import main
-from torchrepro._compare import read_trace
-from torchrepro._explain import explain, rank_differences
+from torchrepro.check._explain import explain, rank_differences
+from torchrepro.trace._compare import read_trace
 
 BASE = {
     "torch": {"version": "2.4.0", "cudnn": "9.1.0"},

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-import torchrepro._fingerprint
+import torchrepro.env._fingerprint
 from torchrepro import diff_fingerprints, fingerprint
 
 
@@ -53,7 +53,7 @@ def test_git_commit_of_a_repository(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     clean = fingerprint()["git"]
     (tmp_path / "f").write_text("y")
-    torchrepro._fingerprint._git.cache_clear()  # read once per process otherwise
+    torchrepro.env._fingerprint._git.cache_clear()  # read once per process otherwise
     dirty = fingerprint()["git"]
     assert len(clean["commit"]) == 40 and clean["dirty"] is False
     assert dirty["dirty"] is True

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-import torchrepro._checkpoint as ckpt_mod
-import torchrepro._ckptfile as ckpt_file
+import torchrepro.checkpoint._file as ckpt_file
+import torchrepro.checkpoint._io as ckpt_mod
 from torchrepro import (
     Checkpointer,
     CheckpointError,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import torchrepro._rng as rng_mod
+import torchrepro.core._rng as rng_mod
 from torchrepro import (
     DeterminismError,
     RNGStateError,
@@ -184,7 +184,7 @@ def test_real_cuda_queries_leave_cuda_uninitialised(run_python):
 
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "inf", "nan"])
 def test_bad_dist_timeout_names_the_variable(monkeypatch, value):
-    from torchrepro import _dist
+    from torchrepro.core import _dist
 
     monkeypatch.setenv("TORCHREPRO_DIST_TIMEOUT", value)
     with pytest.raises(ValueError, match="TORCHREPRO_DIST_TIMEOUT must be a number of seconds > 0"):
@@ -192,7 +192,7 @@ def test_bad_dist_timeout_names_the_variable(monkeypatch, value):
 
 
 def test_dist_timeout_default_and_override(monkeypatch):
-    from torchrepro import _dist
+    from torchrepro.core import _dist
 
     monkeypatch.delenv("TORCHREPRO_DIST_TIMEOUT", raising=False)
     assert _dist.timeout() == 300.0

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,90 +56,79 @@ def test_works_without_numpy():
 
 
 PACKAGE = Path(__file__).resolve().parent.parent / "torchrepro"
-CORE = {
-    "_seed",
-    "_rng",
-    "_determinism",
-    "_envdiff",
-    "_errors",
-    "_envvars",
-    "_dist",
-    "_statedict",
-    "_runinfo",
-    "_version",
-}
-VERIFICATION = {
-    "_checksum",
-    "_tracefile",
-    "_trace",
-    "_compare",
-    "_audit",
-    "_process",
-    "_check",
-    "_localize",
-    "_explain",
-    "_report",
-}
-# The optional framework integrations (integrations/) sit on top: nothing else imports them.
-TOP = {"_cli", "integrations"}
-# What each layer must not import (the layers above it).
-FORBIDDEN = {
-    **{
-        name: {"data", "_checkpoint", "_ckptfile", "_fingerprint", *TOP, *VERIFICATION}
-        for name in CORE
-    },
-    "_fingerprint": {"data", "_checkpoint", "_ckptfile", *TOP, *VERIFICATION},
-    "_checkpoint": {"data", *TOP, *VERIFICATION},
-    "_ckptfile": {"data", "_checkpoint", "_fingerprint", *TOP, *VERIFICATION},
-    **{
-        f"data/{p.stem}": {"_checkpoint", "_ckptfile", *TOP, *VERIFICATION}
-        for p in (PACKAGE / "data").glob("*.py")
-    },
-    **dict.fromkeys(VERIFICATION, TOP),
-    "_cli": {"integrations"},
-    "__init__": {"integrations"},
-}
+ROOT = PACKAGE.parent
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+LAYERS = ("core", "env", "data", "checkpoint", "trace", "check", "integrations")
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """import-linter's contracts (pyproject.toml) over the package in ``root``."""
+    if not LINT_IMPORTS.exists():
+        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+
+
+def test_every_layer_imports_only_from_the_layers_below_it():
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 kept, 0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "line"),
+    [
+        ("core/_seed.py", "from ..trace import _checksum"),  # core reaches up to trace
+        ("data/_loader.py", "from ..checkpoint import _io"),  # data and checkpoint are siblings
+        ("trace/_trace.py", "from ..check import _verdict"),  # trace reaches up to check
+        ("check/_runner.py", "from ..integrations import _common"),
+        ("env/_diff.py", "import lightning"),  # a framework outside integrations
+    ],
+)
+def test_the_layer_contract_fails_on_an_upward_import(tmp_path, module, line):
+    # The contract must be able to fail: plant one bad import in a copy of the package.
+    shutil.copytree(PACKAGE, tmp_path / "torchrepro", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    target = tmp_path / "torchrepro" / module
+    text = target.read_text()
+    cut = text.index("\nfrom ") + 1  # among the module's own imports
+    target.write_text(text[:cut] + line + "\n" + text[cut:])
+    result = _lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "BROKEN" in result.stdout
+    importer = "torchrepro." + module.removesuffix(".py").replace("/", ".")
+    assert importer in result.stdout, result.stdout
+
+
+def test_every_subpackage_is_a_layer_of_the_contract():
+    # A new subpackage must be placed in the contract, or nothing holds its imports.
+    config = (ROOT / "pyproject.toml").read_text()
+    layers = config[config.index("layers = [") : config.index("]", config.index("layers = ["))]
+    found = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert found == set(LAYERS)
+    for name in found:
+        assert re.search(rf"torchrepro\.{name}\b", layers), f"{name} is in no layer"
+
+
+def test_the_package_root_only_re_exports():
+    # __init__ imports the public names, never the CLI or an integration.
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            assert node.module is not None
+            assert not node.module.startswith(("_cli", "integrations")), node.module
+        else:
+            assert isinstance(node, (ast.Expr, ast.Assign)), ast.dump(node)
+
+
 INTEGRATIONS = sorted(p.stem for p in (PACKAGE / "integrations").glob("*.py"))
 # Framework modules each integration may import; the rest of torchrepro imports none of them.
 FRAMEWORKS = {"lightning", "pytorch_lightning", "transformers", "accelerate", "datasets"}
-
-
-def _imported_modules(path: Path) -> set[str]:
-    """Top-level torchrepro modules a file imports, whatever the import's form."""
-    inside_data = path.parent.name == "data"
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                parts = (node.module or "").split(".")
-                if parts[0] == "torchrepro" and len(parts) > 1:
-                    found.add(parts[1])
-                elif parts[0] == "torchrepro":
-                    found.update(alias.name for alias in node.names)
-                continue
-            base_is_package = (node.level == 1 and not inside_data) or (
-                node.level == 2 and inside_data
-            )
-            if not base_is_package:  # a sibling inside data/
-                found.add("data")
-                continue
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "torchrepro" and len(parts) > 1:
-                    found.add(parts[1])
-    return found
-
-
-@pytest.mark.parametrize("module", sorted(FORBIDDEN))
-def test_layers_import_only_downward(module):
-    path = PACKAGE / f"{module}.py"
-    bad = _imported_modules(path) & FORBIDDEN[module]
-    assert not bad, f"{module}.py imports {sorted(bad)} from a layer above it"
 
 
 def _frameworks_imported(path: Path) -> set[str]:
@@ -173,12 +165,6 @@ def test_no_module_outside_integrations_imports_a_framework():
             continue
         bad = _frameworks_imported(path)
         assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}; only integrations/ may"
-
-
-def test_layer_check_sees_every_import_form(tmp_path):
-    sample = tmp_path / "x.py"
-    sample.write_text("from . import _cli\nfrom ._trace import Trace\nimport torchrepro._audit\n")
-    assert _imported_modules(sample) >= {"_cli", "_trace", "_audit"}
 
 
 def test_only_the_cli_prints():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import torchrepro
-from torchrepro._localize import CAPTURE_SUFFIX, compare_captures, read_capture
+from torchrepro.check._localize import compare_captures
+from torchrepro.trace._capture import CAPTURE_SUFFIX, read_capture
 
 
 class Noise(torch.nn.Module):
@@ -221,7 +222,7 @@ def test_a_different_model_input_is_said_first(tmp_path):
 
 def test_check_does_not_rerun_unbounded_without_a_checkpoint(tmp_path, monkeypatch):
     """No checkpoint before the divergent step: no automatic re-run, and check says why."""
-    from torchrepro._check import run_check
+    from torchrepro.check._runner import run_check
 
     script = Path(__file__).resolve().parent / "scripts" / "tiny_train.py"
     monkeypatch.setenv("TINY_NUDGE_MARKER", str(tmp_path / "marker"))

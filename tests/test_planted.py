@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from torchrepro._check import run_check
+from torchrepro.check._runner import run_check
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "planted_digits.py"
 

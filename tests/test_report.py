@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from torchrepro._compare import TraceData, compare_traces, read_trace
-from torchrepro._explain import explain
-from torchrepro._report import SECTIONS, ReportRun, compare_page, relative_differences, render_html
+from torchrepro.check._explain import explain
+from torchrepro.check._report import (
+    SECTIONS,
+    ReportRun,
+    compare_page,
+    relative_differences,
+    render_html,
+)
+from torchrepro.trace._compare import TraceData, compare_traces, read_trace
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = {"format": "torchrepro-trace", "version": 2, "every": 1}

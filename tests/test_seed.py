@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchrepro
-import torchrepro._seed
+import torchrepro.core._seed
 from torchrepro import TorchreproWarning, derive_seed, seed_everything
 
 pytestmark = pytest.mark.rng_changes
@@ -133,9 +133,11 @@ def test_per_rank_mixes_rank(monkeypatch):
 
 
 def test_warns_once_when_hash_seed_is_random(monkeypatch):
-    monkeypatch.setattr(torchrepro._seed, "_hash_seed_warned", False)
+    monkeypatch.setattr(torchrepro.core._seed, "_hash_seed_warned", False)
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
-    monkeypatch.setattr(torchrepro._seed.sys, "flags", type("F", (), {"hash_randomization": 1})())
+    monkeypatch.setattr(
+        torchrepro.core._seed.sys, "flags", type("F", (), {"hash_randomization": 1})()
+    )
     with pytest.warns(TorchreproWarning, match="PYTHONHASHSEED was not fixed.*torchrepro run"):
         seed_everything(1)
     with warnings.catch_warnings():
@@ -144,7 +146,7 @@ def test_warns_once_when_hash_seed_is_random(monkeypatch):
 
 
 def test_no_warning_when_hash_seed_fixed(monkeypatch):
-    monkeypatch.setattr(torchrepro._seed, "_hash_seed_warned", False)
+    monkeypatch.setattr(torchrepro.core._seed, "_hash_seed_warned", False)
     monkeypatch.setenv("PYTHONHASHSEED", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

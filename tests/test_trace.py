@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from torchrepro._checksum import tensor_checksum
-from torchrepro._compare import TraceError, compare_traces, read_trace
-from torchrepro._rng import isolated_rng
-from torchrepro._trace import Trace
+from torchrepro.core._rng import isolated_rng
+from torchrepro.trace._checksum import tensor_checksum
+from torchrepro.trace._compare import TraceError, compare_traces, read_trace
+from torchrepro.trace._trace import Trace
 
 
 def _model() -> torch.nn.Module:
@@ -297,7 +297,7 @@ def test_file_is_flushed_each_traced_step(tmp_path: Path) -> None:
 
 
 def test_members_match_named_parameters_and_buffers_with_tied_weights() -> None:
-    from torchrepro._trace import _members
+    from torchrepro.trace._trace import _members
 
     with isolated_rng():
         model = torch.nn.Sequential(

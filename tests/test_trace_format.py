@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import torchrepro
-from torchrepro import _runinfo
-from torchrepro._compare import TraceError, compare_traces, read_trace
-from torchrepro._trace import Trace
+from torchrepro.core import _runinfo
+from torchrepro.trace._compare import TraceError, compare_traces, read_trace
+from torchrepro.trace._trace import Trace
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +109,7 @@ def test_environment_variable_wins_over_the_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("TORCHREPRO_TRACE", str(tmp_path / "env.jsonl"))
-    monkeypatch.setattr("torchrepro._trace._precedence_logged", False)
+    monkeypatch.setattr("torchrepro.trace._trace._precedence_logged", False)
     with caplog.at_level(logging.INFO, logger="torchrepro"):
         trace = Trace(tmp_path / "script.jsonl")
         Trace(tmp_path / "script.jsonl")

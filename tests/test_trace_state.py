@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from torchrepro import isolated_rng, tensor_checksum
-from torchrepro._compare import TraceError, compare_traces, read_trace
-from torchrepro._trace import Trace
+from torchrepro.trace._compare import TraceError, compare_traces, read_trace
+from torchrepro.trace._trace import Trace
 
 
 def _model() -> torch.nn.Module:

@@ -13,13 +13,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from ._check import MAX_RUNS, CheckReport, plan_runs, run_check, run_environment
-from ._envdiff import _flatten, diff_fingerprints
 from ._errors import TorchreproError
-from ._fingerprint import fingerprint
-from ._process import SignalInterrupt, raise_on_signals, run_foreground
-from ._seed import SEED_MAX
 from ._version import __version__
+from .check._plan import MAX_RUNS, plan_runs, run_environment
+from .check._process import SignalInterrupt, raise_on_signals, run_foreground
+from .check._results import CheckReport
+from .check._runner import run_check
+from .core._seed import SEED_MAX
+from .env._diff import _flatten, diff_fingerprints
+from .env._fingerprint import fingerprint
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE = 0, 1, 2
 # A fingerprint from `torchrepro env --json` is a few KB and a few levels deep.
@@ -315,7 +317,7 @@ def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     else:
         _print_report(report, kept=args.keep is not None)
     if args.report:
-        from ._report import check_page, write_report
+        from .check._report import check_page, write_report
 
         options = [f"--vary {v}" for v in args.vary]
         options += [f"--resume-at {args.resume_at}"] if args.resume_at else []
@@ -328,9 +330,9 @@ def _cmd_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
 
 
 def _cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from ._compare import compare_traces, read_trace
     from ._errors import TraceError
-    from ._explain import explain
+    from .check._explain import explain
+    from .trace._compare import compare_traces, read_trace
 
     try:
         a, b = (read_trace(path) for path in args.traces)
@@ -344,7 +346,7 @@ def _cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         for line in explanation.lines():
             print(_visible(f"  {line}"))
     if args.report:
-        from ._report import compare_page, write_report
+        from .check._report import compare_page, write_report
 
         write_report(args.report, compare_page(explanation, a, b))
         print(f"report: {args.report}", file=sys.stderr)

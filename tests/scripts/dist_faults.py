@@ -67,9 +67,8 @@ def main() -> None:
             out / ("good.pt" if rank == 0 else "gone.pt"), c=Counter()
         ),
     )
-    # Where the file is read: the format module (or, before it existed, the checkpoint module).
-    owner = getattr(torchrepro._checkpoint, "_ckptfile", torchrepro._checkpoint)
-    name = "read" if owner is not torchrepro._checkpoint else "read_checkpoint"
+    # Where the file is read: the checkpoint format's module.
+    owner, name = torchrepro.checkpoint._file, "read"
     real_read = getattr(owner, name)
 
     def unreadable(path):  # type: ignore[no-untyped-def]

@@ -23,9 +23,9 @@ from torch.utils.data import (
 )
 from torch.utils.data import dataloader as _torch_dataloader
 
-from .. import _dist, _runinfo
 from .._errors import TorchreproError, TorchreproWarning
-from .._seed import derive_seed
+from ..core import _dist, _runinfo
+from ..core._seed import derive_seed
 from . import _state
 from ._inspect import find_rngs
 from ._isolate import check_thread, restore_globals, save_globals

@@ -6,8 +6,8 @@ import logging
 import numbers
 from typing import Any
 
-from .. import _envvars
-from .._seed import seed_from_env, validate_seed
+from ..core import _envvars
+from ..core._seed import seed_from_env, validate_seed
 
 log = logging.getLogger("torchrepro")
 

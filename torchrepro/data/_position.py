@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .. import _runinfo
+from ..core import _runinfo
 from ._isolate import check_thread, restore_globals, save_globals, warn_if_cuda_started
 
 

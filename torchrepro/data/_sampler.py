@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .._errors import TorchreproError
-from .._seed import derive_seed
+from ..core._seed import derive_seed
 from ._isolate import check_thread, restore_globals, save_globals
 from ._keys import OWN, STREAM, KeyBatch, make_batch
 from ._seeding import _clear_current, _Seeder

@@ -38,8 +38,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .._errors import TorchreproError
-from .._rng import _numpy
-from .._seed import _PERSON, _encode
+from ..core._rng import _numpy
+from ..core._seed import _PERSON, _encode
 from ._keys import OWN, KeyBatch
 
 __all__ = ["sample_seed"]

@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .._seed import SEED_MAX
-from .._statedict import check_versioned
+from ..core._seed import SEED_MAX
+from ..core._statedict import check_versioned
 from ._sampler import Order
 
 STATE_VERSION = 1

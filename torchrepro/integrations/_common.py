@@ -14,11 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import _dist, _envvars, _runinfo
-from .._checkpoint import Checkpointer, read_checkpoint
 from .._errors import CheckpointError
-from .._seed import SEED_MAX, seed_from_env, validate_seed
-from .._trace import Trace
+from ..checkpoint._checkpointer import Checkpointer
+from ..checkpoint._io import read_checkpoint
+from ..core import _dist, _envvars, _runinfo
+from ..core._seed import SEED_MAX, seed_from_env, validate_seed
+from ..trace._trace import Trace
 
 POINTER_VERSION = 1
 

@@ -47,15 +47,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .. import _envvars
-from .._checkpoint import _agree
-from .._determinism import deterministic as set_deterministic
 from .._errors import TorchreproError
-from .._rng import get_rng_state, set_rng_state
-from .._seed import seed_everything
-from .._statedict import check_versioned
-from .._trace import Trace
+from ..checkpoint._io import _agree
+from ..core import _envvars
+from ..core._determinism import deterministic as set_deterministic
+from ..core._rng import get_rng_state, set_rng_state
+from ..core._seed import seed_everything
+from ..core._statedict import check_versioned
 from ..data import DataLoader
+from ..trace._trace import Trace
 from . import _common
 
 __all__ = ["ReproCallback"]

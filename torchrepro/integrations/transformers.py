@@ -53,13 +53,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .._checkpoint import load_checkpoint, save_checkpoint
-from .._determinism import deterministic as set_deterministic
 from .._errors import TorchreproError
-from .._rng import get_rng_state, isolated_rng, set_rng_state
-from .._seed import seed_everything
-from .._trace import Trace
+from ..checkpoint._io import load_checkpoint, save_checkpoint
+from ..core._determinism import deterministic as set_deterministic
+from ..core._rng import get_rng_state, isolated_rng, set_rng_state
+from ..core._seed import seed_everything
 from ..data import DataLoader
+from ..trace._trace import Trace
 from . import _common
 
 __all__ = ["ReproTrainer", "ReproTrainerCallback", "ReproTrainerMixin"]

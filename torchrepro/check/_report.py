@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._check import CheckReport
-from ._compare import Comparison, TraceData
-from ._envdiff import Difference
+from ..env._diff import Difference
+from ..trace._compare import Comparison, TraceData
 from ._explain import Explanation, Suspect
 from ._localize import Localization
+from ._results import CheckReport
 
 __all__ = [
     "SECTIONS",

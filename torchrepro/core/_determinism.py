@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ._errors import DeterminismError, TorchreproWarning
+from .._errors import DeterminismError, TorchreproWarning
 
 __all__ = ["CUBLAS_WORKSPACE_CONFIG", "DeterminismSettings", "deterministic"]
 

@@ -31,8 +31,8 @@ from typing import IO, Any
 
 import torch
 
-from ._errors import CheckpointError
-from ._version import __version__
+from .._errors import CheckpointError
+from .._version import __version__
 
 MAGIC = b"TRCKPT\x00\x01"
 FORMAT = "torchrepro.checkpoint"

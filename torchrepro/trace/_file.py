@@ -27,7 +27,7 @@ appends an *end* line with the state it ended with (``"end"``: that step).
 
 Version 3 (this one) added state and end lines (a version 2 record always held the
 state, and is read as a state record). Version 2 changed the checksum (non-linear; see
-:mod:`torchrepro._checksum`), added the facts, the fingerprint, the segments, batch
+:mod:`torchrepro.trace._checksum`), added the facts, the fingerprint, the segments, batch
 entries, and exact integer loss values. Version 1 traces are refused with a clear error:
 their checksums cannot be compared with later versions'.
 
@@ -46,7 +46,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import TraceError
+from .._errors import TraceError
 
 __all__ = [
     "MAX_LINE_BYTES",

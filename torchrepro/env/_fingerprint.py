@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._determinism import current_settings
+from ..core._determinism import current_settings
 
 __all__ = ["NUMERIC_ENV_VARS", "fingerprint"]
 

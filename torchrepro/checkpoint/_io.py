@@ -1,9 +1,9 @@
-"""Bitwise resume: :func:`save_checkpoint`, :func:`load_checkpoint` and :class:`Checkpointer`.
+"""Bitwise resume: :func:`save_checkpoint` and :func:`load_checkpoint`.
 
 This module is the policy: what a checkpoint holds, how ranks agree before anything
 happens, and the order of checks so that a load either restores everything or changes
 nothing it could have checked first. The file format (header, checksum, atomic write,
-streaming read) is :mod:`torchrepro._ckptfile`'s. Objects are known only through
+streaming read) is :mod:`torchrepro.checkpoint._file`'s. Objects are known only through
 ``state_dict()``/``load_state_dict()``.
 
 Under torch.distributed every step that needs the other ranks is an exchange through the
@@ -15,30 +15,38 @@ passed another path makes every rank fail with a message that names it, instead 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import logging
 import os
 import warnings
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from . import _ckptfile, _dist, _envvars, _runinfo
-from ._ckptfile import FORMAT, FORMAT_VERSION, MAGIC
-from ._determinism import current_settings
-from ._envdiff import diff_fingerprints
-from ._errors import CheckpointError, RNGStateError, TorchreproWarning
-from ._fingerprint import fingerprint
-from ._rng import get_rng_state, rng_state_problems, set_rng_state
-from ._seed import seed_from_env, seed_streams
-from ._version import __version__
+from .._errors import CheckpointError, RNGStateError, TorchreproWarning
+from .._version import __version__
+from ..core import _dist, _envvars, _runinfo
+from ..core._determinism import current_settings
+from ..core._rng import get_rng_state, rng_state_problems, set_rng_state
+from ..core._seed import seed_from_env, seed_streams
+from ..env._diff import diff_fingerprints
+from ..env._fingerprint import fingerprint
+from . import _file
+from ._file import FORMAT, FORMAT_VERSION, MAGIC
 
-__all__ = ["Checkpointer", "Stateful", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Stateful",
+    "check_objects",
+    "check_path",
+    "keep",
+    "load_checkpoint",
+    "load_with_meta",
+    "save_checkpoint",
+    "save_with_meta",
+]
 __all__ += ["FORMAT_VERSION", "MAGIC", "read_checkpoint"]  # the format's names, for old imports
 
 log = logging.getLogger("torchrepro")
@@ -63,7 +71,7 @@ def _qualified(obj: object) -> str:
     return f"{module}.{kind.__qualname__}"
 
 
-def _check_objects(objects: Mapping[str, object]) -> dict[str, Any]:
+def check_objects(objects: Mapping[str, object]) -> dict[str, Any]:
     """The objects to checkpoint: ``None`` ones are skipped; the rest must be Stateful."""
     kept = {}
     for name, obj in objects.items():
@@ -84,7 +92,7 @@ def _check_objects(objects: Mapping[str, object]) -> dict[str, Any]:
     return kept
 
 
-def _check_path(path: object, *, none: str = "") -> Path:
+def check_path(path: object, *, none: str = "") -> Path:
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise TypeError(
             f"path must be a str or os.PathLike naming the checkpoint file{none}, got "
@@ -101,8 +109,8 @@ def _check_bool(value: object, name: str) -> None:
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
-    """The checkpoint's content and the hex digest of its payload (see :mod:`._ckptfile`)."""
-    return _ckptfile.read(path)
+    """The checkpoint's content and the hex digest of its payload (see :mod:`._file`)."""
+    return _file.read(path)
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -216,19 +224,21 @@ def _build_states(objects: Mapping[str, Any]) -> dict[str, Any]:
             states[name] = obj.state_dict()
         except Exception as exc:
             raise CheckpointError(f"{name}.state_dict() failed: {_describe(exc)}") from exc
-        problem = _ckptfile.unloadable(states[name], f"{name}.state_dict()")
+        problem = _file.unloadable(states[name], f"{name}.state_dict()")
         if problem is not None:
             raise CheckpointError(f"{name}= cannot be saved: {problem}")
     return states
 
 
-def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[str, Any]) -> None:
+def save_with_meta(
+    path: object, objects: Mapping[str, Any], extra: object, meta: dict[str, Any]
+) -> None:
     def check_arguments() -> tuple[Path, dict[str, Any]]:
-        target = _check_path(path)
-        kept = _check_objects(objects)
+        target = check_path(path)
+        kept = check_objects(objects)
         if extra is not None and not isinstance(extra, dict):
             raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
-        problem = _ckptfile.unloadable(extra or {}, "extra")
+        problem = _file.unloadable(extra or {}, "extra")
         if problem is not None:
             raise TypeError(f"extra cannot be saved: {problem}")
         return target, kept
@@ -260,7 +270,7 @@ def _save(path: object, objects: Mapping[str, Any], extra: object, meta: dict[st
                 "fingerprint": fingerprint(),
                 "meta": meta,
             }
-            _ckptfile.write(target, content)
+            _file.write(target, content)
 
         _none, error = _attempt(write)
     # Nobody reads or exits before the file is complete, and a failure on rank 0 reaches
@@ -316,7 +326,7 @@ def save_checkpoint(
     ...     load_checkpoint(f"{d}/ckpt.pt", model=model)
     {'step': 3}
     """
-    _save(path, objects, extra, meta={})
+    save_with_meta(path, objects, extra, meta={})
 
 
 # ----------------------------------------------------------------------------- loading
@@ -477,15 +487,15 @@ def _restore_rng(path: Path, content: dict[str, Any], strict: bool, resized: boo
         raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from exc
 
 
-def _load(
+def load_with_meta(
     path: object, objects: Mapping[str, Any], strict: object
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     def read() -> tuple[Path, dict[str, Any], dict[str, Any], str]:
-        source = _check_path(path)
+        source = check_path(path)
         _check_bool(strict, "strict")
-        kept = _check_objects(objects)
-        _ckptfile.remove_stale_temps(source)
-        content, digest = _ckptfile.read(source)
+        kept = check_objects(objects)
+        _file.remove_stale_temps(source)
+        content, digest = _file.read(source)
         _check_structure(source, content)
         return source, kept, content, digest
 
@@ -581,12 +591,12 @@ def load_checkpoint(
         TorchreproWarning: the saving machine's fingerprint differs in ways that change
             numerics (the reasons ``torchrepro env --diff`` gives).
     """
-    extra, meta = _load(path, objects, strict)
+    extra, meta = load_with_meta(path, objects, strict)
     _runinfo.note("resumed_from", meta.get("steps"))  # for the trace header (None: unknown)
     return extra
 
 
-def _keep(path: Path, steps: int) -> None:
+def keep(path: Path, steps: int) -> None:
     """``TORCHREPRO_KEEP_CHECKPOINTS=1``: keep this save as ``<path>.step<K>`` (a hard link).
 
     ``torchrepro check`` sets it on its reference run, so a divergence at step N can be
@@ -600,147 +610,3 @@ def _keep(path: Path, steps: int) -> None:
         os.link(path, kept)
     except OSError:
         kept.write_bytes(path.read_bytes())
-
-
-# ----------------------------------------------------------------------------- Checkpointer
-
-
-class Checkpointer:
-    """Few-lines checkpointing for a plain training loop.
-
-    >>> import tempfile, torch
-    >>> model = torch.nn.Linear(2, 2)
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     ckpt = Checkpointer(f"{d}/ckpt.pt", every=2, model=model)
-    ...     ckpt.resume() is None
-    ...     for _ in range(3):
-    ...         ckpt.step()
-    ...     again = Checkpointer(f"{d}/ckpt.pt", every=2, model=model)
-    ...     _ = again.resume()
-    ...     again.steps
-    True
-    2
-
-    Args:
-        path: the checkpoint file. ``TORCHREPRO_CHECKPOINT``, when set, replaces it; with
-            ``None`` and no such variable, checkpointing is off (``.step()`` only counts).
-        every: save after every ``every`` steps (an int >= 1).
-        **objects: named objects with ``state_dict()``/``load_state_dict()``; ``None``
-            values are skipped, so ``scheduler=None`` works when a run has none.
-
-    Environment:
-        ``TORCHREPRO_CHECKPOINT``: replaces ``path`` (a checker gives each run its own).
-        ``TORCHREPRO_STOP_AT=K``: when ``.steps`` reaches K, save and end the process with
-        status 0 (a clean stand-in for a crash right after a save).
-        ``TORCHREPRO_KEEP_CHECKPOINTS=1``: also keep each save as ``<path>.step<K>``.
-
-    Logging (logger ``"torchrepro"``, WARNING, so visible by default; rank 0 only): ``resume()`` says
-    "resumed from PATH at step K"; and when a resumed process ends without a single
-    further ``step()``, it says the checkpoint was already at the end of training (running
-    a finished script again trains nothing).
-
-    Under torch.distributed, create it on every rank with the same path; rank 0 decides
-    whether a checkpoint exists, so all ranks resume or none does.
-
-    Raises:
-        TypeError, ValueError: bad ``path``, ``every``, objects or environment variables.
-    """
-
-    def __init__(self, path: str | os.PathLike[str] | None, *, every: int, **objects: Any) -> None:
-        if isinstance(every, bool) or not isinstance(every, int):
-            raise TypeError(
-                f"every must be an int >= 1 (save every N steps), got {type(every).__name__} {every!r}"
-            )
-        if every < 1:
-            raise ValueError(f"every must be an int >= 1 (save every N steps), got {every}")
-        if path is not None:
-            _check_path(path, none=" (or None: no checkpointing)")
-        self.objects = _check_objects(objects)
-        override = _envvars.env_path(_envvars.CHECKPOINT)
-        chosen = override if override is not None else path
-        self.path: Path | None = None if chosen is None else Path(chosen)
-        self.every = every
-        self.steps = 0
-        self.stop_at = _envvars.env_int(_envvars.STOP_AT, low=1)
-        if self.stop_at is not None and self.path is None:
-            raise ValueError(
-                f"{_envvars.STOP_AT} is set but the Checkpointer has no path: pass a path or set "
-                f"{_envvars.CHECKPOINT}, so the run can save before it stops"
-            )
-        self._resumed_at: int | None = None
-
-    def resume(self, *, strict: bool = True) -> dict[str, Any] | None:
-        """Load ``path`` if it exists and return its ``extra``; None when there is none.
-
-        Logs "resumed from PATH at step K" at WARNING level.
-
-        Args:
-            strict: as for :func:`load_checkpoint` (``False`` also accepts another world size).
-
-        Raises:
-            TypeError: ``strict`` is not a bool.
-            CheckpointError: as for :func:`load_checkpoint`.
-        """
-        _check_bool(strict, "strict")
-        if self.path is None:
-            return None
-        path = self.path
-        exists, error = _attempt(path.exists)
-        rank0, _every = _settle(
-            f"Checkpointer.resume() of {str(path)!r}",
-            error,
-            op="Checkpointer.resume",
-            path=str(path),
-            exists=exists,
-        )
-        if not rank0["exists"]:  # rank 0 decides for every rank
-            return None
-        extra, meta = _load(path, self.objects, strict)
-        self.steps = int(meta.get("steps", 0))
-        _runinfo.note("resumed_from", self.steps)  # for the trace header
-        self._resumed_at = self.steps
-        if _dist.group_rank() == 0:  # once per run, not once per rank
-            log.warning("torchrepro: resumed from %s at step %d", path, self.steps)
-            atexit.register(_report_no_progress, weakref.ref(self))
-        return extra
-
-    def save(self, extra: dict[str, Any] | None = None) -> None:
-        """Save now, recording ``.steps``.
-
-        Raises:
-            CheckpointError: checkpointing is off (no path).
-        """
-        if self.path is None:
-            raise CheckpointError(
-                f"this Checkpointer has no path (pass one, or set {_envvars.CHECKPOINT})"
-            )
-        _save(self.path, self.objects, extra, meta={"steps": self.steps})
-        if _envvars.env_int(_envvars.KEEP_CHECKPOINTS, low=0, high=1) and _dist.group_rank() == 0:
-            _keep(self.path, self.steps)
-
-    def step(self, extra: dict[str, Any] | None = None) -> None:
-        """Count one completed training step; save every ``every`` steps.
-
-        With ``TORCHREPRO_STOP_AT=K``, the K-th step saves and raises ``SystemExit(0)``.
-        """
-        self.steps += 1
-        stopping = self.stop_at is not None and self.steps == self.stop_at
-        if self.path is not None and (self.steps % self.every == 0 or stopping):
-            self.save(extra)
-        if stopping:
-            raise SystemExit(0)
-
-
-def _report_no_progress(ref: weakref.ReferenceType[Checkpointer]) -> None:
-    """At exit: a resumed Checkpointer that never stepped was already at the end of training."""
-    ckpt = ref()
-    if ckpt is None or ckpt._resumed_at is None or ckpt.steps != ckpt._resumed_at:
-        return
-    log.warning(
-        "torchrepro: resumed from %s at step %d and no training step ran after it: the "
-        "checkpoint was already at the end of training. Delete it (or set %s to another "
-        "path) to train again.",
-        ckpt.path,
-        ckpt.steps,
-        _envvars.CHECKPOINT,
-    )

@@ -19,8 +19,8 @@ import warnings
 
 import torch
 
+from .._errors import TorchreproWarning
 from . import _dist, _envvars, _runinfo
-from ._errors import TorchreproWarning
 from ._rng import _numpy
 
 __all__ = ["SEED_MAX", "derive_seed", "seed_everything", "validate_seed"]

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._compare import Comparison, TraceData, compare_traces
-from ._envdiff import Difference, diff_fingerprints
+from ..env._diff import Difference, diff_fingerprints
+from ..trace._compare import Comparison, TraceData, compare_traces
 
 __all__ = [
     "Explanation",

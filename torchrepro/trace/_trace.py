@@ -2,9 +2,9 @@
 
 One JSON line per traced step is appended and flushed to the file, so a crash loses at
 most the step in flight. Each writing process first writes a header with the facts it
-observed about itself (:mod:`torchrepro._runinfo`) and its environment fingerprint. The
-format is owned by :mod:`torchrepro._tracefile`; ``torchrepro check`` compares the
-traces of several runs with :func:`torchrepro._compare.compare_traces`.
+observed about itself (:mod:`torchrepro.core._runinfo`) and its environment fingerprint. The
+format is owned by :mod:`torchrepro.trace._file`; ``torchrepro check`` compares the
+traces of several runs with :func:`torchrepro.trace._compare.compare_traces`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
-from . import _dist, _envvars, _runinfo
+from .._errors import TraceError
+from .._version import __version__
+from ..core import _dist, _envvars, _runinfo
+from ..core._statedict import check_versioned
+from ..env._fingerprint import fingerprint
+from ._capture import Capture
 from ._checksum import tensor_checksums, tensor_norms
-from ._errors import TraceError
-from ._fingerprint import fingerprint
-from ._localize import Capture
-from ._statedict import check_versioned
-from ._tracefile import (
+from ._file import (
     TRACE_FORMAT,
     TRACE_VERSION,
     encode,
@@ -38,7 +39,6 @@ from ._tracefile import (
     json_float,
     parse,
 )
-from ._version import __version__
 
 __all__ = ["Trace"]
 
@@ -191,7 +191,7 @@ class Trace:
     torchrepro and torch versions, rank, world size, ``every``, ``grads``, ``norm_every``,
     the facts it observed (seed, each torchrepro loader's effective ``num_workers``, world
     size, torch threads, the step it resumed from) and its full environment fingerprint
-    with a digest (format: :mod:`torchrepro._tracefile`). A fresh ``Trace`` overwrites the
+    with a digest (format: :mod:`torchrepro.trace._file`). A fresh ``Trace`` overwrites the
     file at its first traced step; after :meth:`load_state_dict` it continues it instead,
     appending its own header. The file
     stays open (``O_APPEND``, one unbuffered write per traced step) until :meth:`close`,
@@ -231,7 +231,7 @@ class Trace:
     >>> trace = Trace(path)
     >>> model = torch.nn.Linear(2, 1)
     >>> trace.step(loss=torch.tensor(0.25), model=model)
-    >>> from torchrepro._compare import read_trace
+    >>> from torchrepro.trace._compare import read_trace
     >>> trace.step(loss=torch.tensor(0.5), model=model)
     >>> [[e["name"] for e in r["entries"]] for r in read_trace(path).records]
     [['loss', 'weight', 'bias'], ['loss']]

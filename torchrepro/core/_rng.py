@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._errors import RNGStateError, TorchreproWarning
+from .._errors import RNGStateError, TorchreproWarning
 from ._statedict import check_versioned
 
 __all__ = ["get_rng_state", "isolated_rng", "rng_state_problems", "set_rng_state"]

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from ..core._rng import get_rng_state, set_rng_state
 from ._checksum import tensor_checksums
-from ._rng import get_rng_state, set_rng_state
 
 __all__ = ["AuditReport", "audit"]
 

@@ -1,7 +1,7 @@
 """Comparing two traces written by :class:`torchrepro.Trace`, step by step and bitwise.
 
 Pure functions: nothing here prints. The file format (headers, records, versions) is
-owned by :mod:`torchrepro._tracefile`; :func:`read_trace` and :class:`TraceData` are
+owned by :mod:`torchrepro.trace._file`; :func:`read_trace` and :class:`TraceData` are
 re-exported here, where they have always been importable from.
 """
 
@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import TraceError
-from ._tracefile import STATE_KINDS, TraceData, json_float, read_trace
+from .._errors import TraceError
+from ._file import STATE_KINDS, TraceData, json_float, read_trace
 
 __all__ = [
     "Comparison",

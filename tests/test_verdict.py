@@ -1,0 +1,146 @@
+"""The verdict's rule table (torchrepro/check/_verdict.py), on facts built by hand.
+
+Each rule is tested where it must apply and where it must not, and the whole table over
+every combination of: runs of one configuration, a variation, another seed, a resume; what
+each comparison found; whether an error stopped the check. The expected claims below are
+written from the documented rules, not from the implementation's helpers.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from torchrepro.check._verdict import RULES, Compared, Facts, decide
+from torchrepro.trace._compare import Comparison
+
+STEPS = 20
+
+
+def comparison(name: str, *, identical: bool, first: int | None = None) -> Comparison:
+    if identical:
+        return Comparison(
+            ("run 1", name), True, STEPS, STEPS, STEPS, None, state_steps=STEPS, end_compared=True
+        )
+    return Comparison(
+        ("run 1", name),
+        False,
+        STEPS,
+        STEPS,
+        STEPS,
+        first,
+        earliest_step=first,
+        state_steps=STEPS,
+        end_compared=True,
+    )
+
+
+def facts(*compared: Compared, error: str | None = None) -> Facts:
+    return Facts(error, "run 1", STEPS, frozenset({"loss", "batch"}), tuple(compared))
+
+
+def run(name: str, relation: str, identical: bool, first: int = 5) -> Compared:
+    return Compared(name, relation, comparison(name, identical=identical, first=first))
+
+
+def test_rule_names_are_unique_and_the_last_always_applies():
+    names = [r.name for r in RULES]
+    assert len(names) == len(set(names))
+    assert RULES[-1].when(facts())
+
+
+def test_an_error_decides_before_anything_else():
+    claim = decide(facts(run("run 2", "repeat", False), error="run 3 failed"))
+    assert (claim.rule, claim.exit_code, claim.text) == ("error", 2, "ERROR: run 3 failed")
+
+
+def test_identical_settings_that_differ_are_named_as_such():
+    claim = decide(
+        facts(run("num_workers=2", "variation", False, 3), run("run 2", "repeat", False, 9))
+    )
+    assert claim.rule == "identical settings differ"
+    assert claim.exit_code == 1
+    # The repeat is named, even though the variation parted earlier: with identical runs
+    # differing, the variation's divergence says nothing about the variation.
+    assert claim.text == 'DIVERGED at step 9 (run "run 2" vs "run 1") with identical settings'
+
+
+def test_a_variation_or_resume_that_differs_is_named_at_the_earliest_step():
+    claim = decide(
+        facts(
+            run("run 2", "repeat", True),
+            run("num_workers=2", "variation", False, 8),
+            run("resume at 5", "resume", False, 6),
+        )
+    )
+    assert (claim.rule, claim.exit_code) == ("a run differs", 1)
+    assert claim.text == 'DIVERGED at step 6 (run "resume at 5" vs "run 1")'
+
+
+def test_another_seed_that_changes_nothing_is_refused():
+    claim = decide(facts(run("run 2", "repeat", True), run("seed=1", "seed", True)))
+    assert (claim.rule, claim.exit_code) == ("seed has no effect", 1)
+    assert claim.text.startswith('SEED HAS NO EFFECT: run "seed=1" used another seed')
+
+
+def test_reproducible_counts_the_runs_that_must_agree_and_says_what_was_compared():
+    claim = decide(facts(run("run 2", "repeat", True), run("seed=1", "seed", False)))
+    assert (claim.rule, claim.exit_code) == ("reproducible", 0)
+    assert claim.text == (
+        "REPRODUCIBLE: 2 runs x 20 steps bitwise identical; seed=1 differs, as another seed must"
+    )
+
+
+def test_reproducible_names_the_state_coverage_when_not_every_step_held_it():
+    partial = Comparison(("run 1", "run 2"), True, STEPS, STEPS, STEPS, None, state_steps=3)
+    claim = decide(facts(Compared("run 2", "repeat", partial)))
+    assert claim.text == (
+        "REPRODUCIBLE: 2 runs x 20 steps bitwise identical (every step's loss and batch; "
+        "the model's state at 3 of them; not after the last: a run did not record it)"
+    )
+
+
+def test_a_relation_outside_the_table_is_refused():
+    with pytest.raises(ValueError, match="relation must be one of"):
+        Compared("x", "sideways", comparison("x", identical=True))
+
+
+RELATIONS = ("repeat", "variation", "seed", "resume")
+
+
+@pytest.mark.parametrize("error", [None, "run 2 failed"])
+@pytest.mark.parametrize(
+    "outcomes", list(itertools.product([None, True, False], repeat=len(RELATIONS)))
+)
+def test_every_combination_follows_the_documented_order(outcomes, error):
+    # outcomes[i]: the run of RELATIONS[i] is absent (None), identical (True) or differs.
+    compared = [
+        run(f"{relation} run", relation, outcome, first=10 + i)
+        for i, (relation, outcome) in enumerate(zip(RELATIONS, outcomes, strict=True))
+        if outcome is not None
+    ]
+    claim = decide(facts(*compared, error=error))
+    differ = {c.relation for c in compared if not c.comparison.identical}
+    same = {c.relation for c in compared if c.comparison.identical}
+    if error is not None:
+        expected = ("error", 2)
+    elif "repeat" in differ:
+        expected = ("identical settings differ", 1)
+    elif differ - {"seed"}:
+        expected = ("a run differs", 1)
+    elif "seed" in same:
+        expected = ("seed has no effect", 1)
+    else:
+        expected = ("reproducible", 0)
+    assert (claim.rule, claim.exit_code) == expected
+    assert claim.reproducible == (expected[1] == 0)
+    if expected[0] == "a run differs":
+        # The earliest of the runs that must agree and do not.
+        firsts = {
+            c.name: c.comparison.first_step
+            for c in compared
+            if c.relation != "seed" and not c.comparison.identical
+        }
+        name = min(firsts, key=lambda n: firsts[n] or 0)
+        assert f'(run "{name}" vs "run 1")' in claim.text

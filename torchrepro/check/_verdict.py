@@ -1,0 +1,200 @@
+"""What a check may claim: a pure rule table from the facts of its runs to the claim.
+
+The runner records *facts* (which runs ran, how each relates to the reference run, what
+each comparison held and found); :func:`decide` turns them into a :class:`Claim` by the
+first rule of :data:`RULES` that applies. Nothing here runs a process or reads a file, so
+every rule is unit-tested on its own (``tests/test_verdict.py``), and a claim can name only
+what the facts say was compared.
+
+Relations of a run to the reference (run 1):
+
+- ``repeat``: the same configuration (environment and no stop): it must be identical.
+- ``variation``: another ``--vary`` value (not the seed): it must be identical.
+- ``seed``: another seed: it must differ.
+- ``resume``: stopped at ``--resume-at K`` and resumed in a second process: it must be
+  identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..trace._compare import Comparison
+
+__all__ = ["CAUSES", "RULES", "Claim", "Compared", "Facts", "Rule", "decide", "first_divergence"]
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
+RELATIONS = ("repeat", "variation", "seed", "resume")
+
+CAUSES = (
+    "Runs with identical settings differ, so nothing else can be judged. Usual causes: the "
+    "model or the data were built before torchrepro.seed_everything() (call it first, at the "
+    "top of the script); a nondeterministic kernel (call torchrepro.deterministic('strict'), "
+    "and run torchrepro.audit(model, batch) to name the operation); something unseeded "
+    "(time, os.urandom, a random generator created without a seed)."
+)
+
+
+@dataclass(frozen=True)
+class Compared:
+    """One later run compared with the reference: its name, relation and comparison."""
+
+    name: str
+    relation: str
+    comparison: Comparison
+
+    def __post_init__(self) -> None:
+        if self.relation not in RELATIONS:
+            raise ValueError(f"relation must be one of {RELATIONS}, got {self.relation!r}")
+
+    @property
+    def must_differ(self) -> bool:
+        return self.relation == "seed"
+
+    @property
+    def diverged(self) -> bool:
+        """It differs although it must not."""
+        return not self.comparison.identical and not self.must_differ
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the runs of a check did, as the verdict needs it.
+
+    Attributes:
+        error: why the check could not be made (a run failed, a variation did not take
+            effect), or None.
+        reference: the reference run's name.
+        steps: the reference trace's step records.
+        recorded: what every step record held (``"loss"``, ``"batch"``), from the
+            reference's first record.
+        compared: every later run, in order.
+    """
+
+    error: str | None
+    reference: str
+    steps: int
+    recorded: frozenset[str]
+    compared: tuple[Compared, ...]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the check says, the rule that said it, and the exit status."""
+
+    rule: str
+    text: str
+    exit_code: int
+
+    @property
+    def reproducible(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``when`` the facts hold this, ``say`` the claim (and exit with ``exit_code``)."""
+
+    name: str
+    when: Callable[[Facts], bool]
+    say: Callable[[Facts], str]
+    exit_code: int
+
+
+def _repeats_diverged(facts: Facts) -> list[Compared]:
+    return [c for c in facts.compared if c.relation == "repeat" and c.diverged]
+
+
+def _diverged(facts: Facts) -> list[Compared]:
+    return [c for c in facts.compared if c.diverged]
+
+
+def _seed_without_effect(facts: Facts) -> list[Compared]:
+    return [c for c in facts.compared if c.must_differ and c.comparison.identical]
+
+
+def first_divergence(facts: Facts) -> Compared | None:
+    """The divergence a claim names: a repeat's first, else the earliest one."""
+    repeats = _repeats_diverged(facts)
+    if repeats:
+        return repeats[0]
+    diverged = _diverged(facts)
+    if not diverged:
+        return None
+    return min(diverged, key=lambda c: c.comparison.first_step or 0)
+
+
+def _say_repeat_differs(facts: Facts) -> str:
+    return f"{_repeats_diverged(facts)[0].comparison.verdict} with identical settings"
+
+
+def _say_diverged(facts: Facts) -> str:
+    first = first_divergence(facts)
+    assert first is not None
+    return first.comparison.verdict
+
+
+def _say_seed(facts: Facts) -> str:
+    names = ", ".join(f'"{c.name}"' for c in _seed_without_effect(facts))
+    return (
+        f"SEED HAS NO EFFECT: run {names} used another seed and is bitwise identical to "
+        f'run "{facts.reference}"; the seed has no effect (does the script call '
+        "torchrepro.seed_everything() without an argument, before building anything?)"
+    )
+
+
+def coverage(facts: Facts) -> str:
+    """What the identical traces held, when not the whole state at every step."""
+    compared = [c.comparison for c in facts.compared if not c.must_differ]
+    if not compared:
+        return ""
+    state = min(c.state_steps for c in compared)
+    if state == facts.steps:
+        return ""
+    what = " and ".join(k for k in ("loss", "batch") if k in facts.recorded)
+    end = all(c.end_compared for c in compared)
+    return (
+        f" (every step's {what or 'record'}; the model's state at {state} of them"
+        + (" and after the last" if end else "; not after the last: a run did not record it")
+        + ")"
+    )
+
+
+def _say_reproducible(facts: Facts) -> str:
+    same = [c for c in facts.compared if not c.must_differ]
+    count = len(same) + 1
+    runs = f"{count} run{'s' if count != 1 else ''}"
+    text = f"REPRODUCIBLE: {runs} x {facts.steps} steps bitwise identical{coverage(facts)}"
+    differing = [c.name for c in facts.compared if c.must_differ]
+    if differing:
+        text += f"; {', '.join(differing)} differ{'s' if len(differing) == 1 else ''}, as another seed must"
+    return text
+
+
+# The first rule that applies decides. Order matters: an error means nothing was judged;
+# runs with identical settings that differ make every other comparison meaningless.
+RULES: tuple[Rule, ...] = (
+    Rule("error", lambda f: f.error is not None, lambda f: f"ERROR: {f.error}", EXIT_ERROR),
+    Rule(
+        "identical settings differ",
+        lambda f: bool(_repeats_diverged(f)),
+        _say_repeat_differs,
+        EXIT_DIFFERENT,
+    ),
+    Rule("a run differs", lambda f: bool(_diverged(f)), _say_diverged, EXIT_DIFFERENT),
+    Rule("seed has no effect", lambda f: bool(_seed_without_effect(f)), _say_seed, EXIT_DIFFERENT),
+    Rule("reproducible", lambda f: True, _say_reproducible, EXIT_OK),
+)
+
+
+def decide(facts: Facts) -> Claim:
+    """The claim of the first rule in :data:`RULES` that applies to ``facts``.
+
+    >>> decide(Facts("run 2 failed", "run 1", 0, frozenset(), ())).text
+    'ERROR: run 2 failed'
+    """
+    for rule in RULES:
+        if rule.when(facts):
+            return Claim(rule.name, rule.say(facts), rule.exit_code)
+    raise AssertionError("the last rule always applies")  # pragma: no cover
