@@ -27,7 +27,7 @@ from ._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
 from ._errors import CheckpointError, TraceError
 from ._explain import Explanation, explain
 from ._localize import CAPTURE_SUFFIX, Localization, compare_captures, read_capture
-from ._process import run_in_group, tail
+from ._process import gloo_teardown_abort, run_in_group, tail
 from ._seed import derive_seed, seed_from_env
 
 __all__ = ["CheckReport", "RunResult", "RunSpec", "plan_runs", "run_check", "run_environment"]
@@ -366,7 +366,7 @@ def _run_process(
         return finished.returncode, (
             f"did not finish within --timeout {timeout:g} s; it was stopped (SIGTERM, then SIGKILL)"
         )
-    return finished.returncode, None
+    return finished.returncode, gloo_teardown_abort(finished.returncode, directory / "stderr.log")
 
 
 def _execute(
