@@ -61,6 +61,7 @@ CORE = {
     "_errors",
     "_envvars",
     "_dist",
+    "_teardown",
     "_statedict",
     "_runinfo",
     "_version",

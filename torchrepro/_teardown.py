@@ -18,7 +18,7 @@ group's key-value store, at most :data:`EXIT_WAIT_S` seconds (a peer may have di
 still be training); a rank ending by an uncaught exception does not wait. The destroy
 itself runs in a thread joined for at most :data:`EXIT_WAIT_S` seconds, so exit never
 hangs. Nothing here raises or changes the exit status: the status is fixed before
-``atexit`` handlers run and every error is caught and written to stderr.
+``atexit`` handlers run, and every error is caught and logged (logger ``torchrepro``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import logging
 import os
 import sys
 import threading
@@ -42,9 +43,12 @@ EXIT_WAIT_S = 30.0
 _PID = os.getpid()
 
 
+log = logging.getLogger("torchrepro")
+
+
 def _say(message: str) -> None:
     with contextlib.suppress(Exception):  # stderr closed: nothing more to do
-        print(f"torchrepro: {message}", file=sys.stderr, flush=True)
+        log.warning("torchrepro: %s", message)
 
 
 def _wait_for_peers(dist: ModuleType, seconds: float) -> None:
