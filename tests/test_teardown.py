@@ -56,6 +56,37 @@ def test_a_gloo_group_left_initialised_exits_cleanly_under_torchrun(tmp_path: Pa
     assert codes == [0] * RUNS
 
 
+@pytest.mark.slow
+def test_a_rank_still_running_is_waited_for_a_bounded_time(tmp_path: Path) -> None:
+    """Rank 0 exits after the bounded wait, not when rank 1 does; both exit 0."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        textwrap.dedent(
+            """\
+            import time
+            import torch
+            import torch.distributed as dist
+            import torchrepro
+            torchrepro._teardown.EXIT_WAIT_S = 2.0
+            dist.init_process_group("gloo")
+            dist.all_reduce(torch.ones(4))
+            if dist.get_rank() == 1:
+                time.sleep(10)  # still training when rank 0 reaches exit
+            """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rank 0: ranks [1] did not reach interpreter exit within 2 s" in proc.stderr
+
+
 def _single_rank(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
     """Run ``body`` in a world of one gloo rank that never destroys its group.
 
