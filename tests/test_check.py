@@ -56,6 +56,7 @@ def test_a_difference_at_step_7_is_pinpointed_between_state_records(tmp_path):
         7,
         True,
     )
+    # exact, on any CPU: the script nudges 3.weight after step 7's update, before its record
     assert [(e["kind"], e["name"]) for e in comparison["entries"]] == [("param", "3.weight")]
     assert report["verdict"] == 'DIVERGED at step 7 (run "TINY_NUDGE=1" vs "run 1")'
     assert (

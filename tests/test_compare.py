@@ -74,25 +74,37 @@ def test_identical_runs(tmp_path: Path) -> None:
 
 
 def test_one_ulp_nudge_is_found_at_its_step_and_named(tmp_path: Path) -> None:
+    """Holds compare's guarantees, not this CPU's rounding.
+
+    Guaranteed: step 7 is the first divergent step (steps 1-6 ran the same code on the same
+    bits), and the entries come in recording order. The nudged ``2.weight`` is among those
+    named on any IEEE CPU: step 7's update of the nudged element (-0.248 minus 0.1 x grad, -0.0082)
+    stays in the weight's binade, so its ulp cannot round away, and the nudge moves that
+    gradient by ulps of the gradient, some 100x too little to cancel it. Not guaranteed, so
+    not asserted: whether the change also reaches other tensors' bits (``0.weight`` on an
+    AVX-512 Xeon, not elsewhere) and how many later steps.
+    """
     _train(tmp_path / "a")
     _train(tmp_path / "b", nudge_at=7)
     result = compare_traces(tmp_path / "a", tmp_path / "b", names=("run 1", "nudged"))
     assert not result.identical
     assert result.first_step == 7
-    # the nudge happens before step 7's forward, so the loss may differ too; the weight
-    # is named first among parameters, in recording order
-    kinds = [(e.kind, e.name) for e in result.entries]
-    params = [k for k in kinds if k[0] == "param"]
-    assert params[0] == ("param", "2.weight")
-    assert kinds[0] in {("loss", "loss"), ("param", "2.weight")}
-    assert result.later_differing_steps == 5
+    assert result.exact and result.earliest_step == 7
+    named = [(e.kind, e.name) for e in result.entries]
+    assert ("param", "2.weight") in named
+    # "in recording order": the order step 7's record holds them in (the loss, then the
+    # parameters in the model's order), taken from the trace, not from compare
+    (record,) = [r for r in read_trace(tmp_path / "a").records if r["step"] == 7]
+    recorded = [(e["kind"], e["name"]) for e in record["entries"]]
+    assert named == [k for k in recorded if k in named]
     assert result.verdict == 'DIVERGED at step 7 (run "nudged" vs "run 1")'
     text = result.format()
     assert text.splitlines()[0] == result.verdict
     assert "param 2.weight: checksum" in text  # norms are recorded every 10 steps
     assert "step 7 recorded no norms" in text
-    assert "5 later compared steps also differ" in text
-    assert result.exact and result.earliest_step == 7
+    later = result.later_differing_steps
+    assert 0 <= later <= 5  # steps 8-12; how many the ulp reaches is the CPU's rounding
+    assert f"{later} later compared step{'s' if later != 1 else ''} also differ" in text
     json.dumps(result.to_dict(), allow_nan=False)
 
 
@@ -131,6 +143,7 @@ def test_a_change_after_the_last_state_step_is_found_in_the_end_state(tmp_path: 
     result = compare_traces(tmp_path / "a", tmp_path / "b", names=("run 1", "nudged"))
     assert not result.identical
     assert (result.first_step, result.earliest_step, result.at_end) == (12, 11, True)
+    # exact, on any CPU: the nudge follows step 12's update and nothing is computed after it
     assert [(e.kind, e.name) for e in result.entries] == [("param", "2.weight")]
     assert "the state after step 12, which the runs ended with," in result.format()
 
@@ -328,4 +341,5 @@ def test_an_end_line_compares_with_a_last_record_that_held_the_state(
         assert result.identical
         return
     assert (result.first_step, result.earliest_step, result.at_end) == (12, 2, True)
+    # exact, on any CPU: the nudge follows step 12's update and nothing is computed after it
     assert [(e.kind, e.name) for e in result.entries] == [("param", "2.weight")]

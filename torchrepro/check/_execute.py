@@ -18,7 +18,7 @@ from ..checkpoint._io import read_checkpoint
 from ..core import _envvars
 from ..trace._compare import TraceData, read_trace
 from ._plan import RunSpec
-from ._process import run_in_group, tail
+from ._process import gloo_teardown_abort, run_in_group, tail
 from ._results import RunResult
 
 __all__ = ["Progress", "execute", "exit_reason", "keep_root", "loader_effect", "run_process"]
@@ -106,7 +106,7 @@ def run_process(
         return finished.returncode, (
             f"did not finish within --timeout {timeout:g} s; it was stopped (SIGTERM, then SIGKILL)"
         )
-    return finished.returncode, None
+    return finished.returncode, gloo_teardown_abort(finished.returncode, directory / "stderr.log")
 
 
 def execute(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -31,6 +32,7 @@ __all__ = [
     "Finished",
     "SignalInterrupt",
     "exit_status",
+    "gloo_teardown_abort",
     "raise_on_signals",
     "run_foreground",
     "run_in_group",
@@ -349,3 +351,37 @@ def tail(path: Path, lines: int = 20, max_bytes: int = TAIL_BYTES) -> str:
     if size > max_bytes and "\n" in text:
         text = text.partition("\n")[2]  # the first line is cut
     return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+# What a process prints when the C++ runtime aborts on a still-running std::thread: here,
+# gloo's, when a process exits with its process group initialised (pytorch issue 190489).
+_ABORT_TEXT = "terminate called without an active exception"
+# torchrun's report of a worker that SIGABRT ended ("exitcode  : -6 (pid: 4242)  (SIGABRT)").
+_TORCHRUN_SIGABRT = re.compile(r"exitcode\s*:\s*-6\b")
+
+
+def gloo_teardown_abort(returncode: int, stderr: Path) -> str | None:
+    """Why a run failed, when it is torch's gloo teardown abort; None for anything else.
+
+    The abort: a process exits with its gloo process group still initialised and torch's
+    teardown ends it with SIGABRT ("terminate called without an active exception"), about
+    half the time with torch 2.14 (pytorch issue 190489). Recognised by that line in the
+    last :data:`TAIL_BYTES` of ``stderr`` and a SIGABRT: ``returncode`` -6 (or 134, a
+    shell's status for it), or torchrun's report of a worker's exit code -6.
+    """
+    if returncode == 0:
+        return None
+    text = tail(stderr, lines=10**9)
+    if _ABORT_TEXT not in text:
+        return None
+    if returncode not in (-signal.SIGABRT, 128 + signal.SIGABRT) and not _TORCHRUN_SIGABRT.search(
+        text
+    ):
+        return None
+    return (
+        f"was ended by torch's gloo teardown abort ({_ABORT_TEXT!r}, SIGABRT), not by a "
+        "reproducibility problem: a process exited with its gloo process group still "
+        "initialised, which aborts about half the time with torch 2.14 (pytorch issue 190489). "
+        "Call torch.distributed.destroy_process_group() before the script ends, or import "
+        "torchrepro in every process (it destroys a group left initialised at exit)"
+    )

@@ -148,7 +148,10 @@ class Checkpointer:
     def step(self, extra: dict[str, Any] | None = None) -> None:
         """Count one completed training step; save every ``every`` steps.
 
-        With ``TORCHREPRO_STOP_AT=K``, the K-th step saves and raises ``SystemExit(0)``.
+        With ``TORCHREPRO_STOP_AT=K``, the K-th step saves and raises ``SystemExit(0)``. It
+        only raises, so the script's own cleanup runs; a process group still initialised
+        at interpreter exit is destroyed then (:mod:`torchrepro.core._teardown`), lest gloo's
+        teardown abort the stopped rank.
         """
         self.steps += 1
         stopping = self.stop_at is not None and self.steps == self.stop_at

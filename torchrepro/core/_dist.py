@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import _envvars
+from . import _envvars, _teardown  # noqa: F401  (_teardown registers its atexit handler)
 
 DEFAULT_TIMEOUT = 300.0  # seconds; TORCHREPRO_DIST_TIMEOUT replaces it
 
