@@ -22,6 +22,8 @@ from torchrepro.data import DataLoader, sample_seed
 from torchrepro.data._sampler import Order
 from torchrepro.data._seeding import _Seeder
 
+pytestmark = pytest.mark.usefixtures("each_loader_first")  # loaders stand for separate runs
+
 
 class Draws(Dataset[torch.Tensor]):
     def __len__(self) -> int:

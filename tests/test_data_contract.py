@@ -15,6 +15,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchrepro import TorchreproError, isolated_rng
 from torchrepro.data import DataLoader, sample_seed
 
+pytestmark = pytest.mark.usefixtures("each_loader_first")  # loaders stand for separate runs
+
 
 class Draws(Dataset[torch.Tensor]):
     def __init__(self, n: int = 8) -> None:

@@ -8,6 +8,8 @@ from torch.utils.data import Dataset
 
 from torchrepro.data import DataLoader
 
+pytestmark = pytest.mark.usefixtures("each_loader_first")  # loaders stand for separate runs
+
 N, BATCH = 12, 3
 
 

@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 
 from torchrepro.data import DataLoader
 
+pytestmark = pytest.mark.usefixtures("each_loader_first")  # loaders stand for separate runs
+
 N, BATCH, SEED = 11, 2, 5
 PER_EPOCH = -(-N // BATCH)  # 6 batches, the last one partial
 
@@ -265,6 +267,8 @@ BAD = [
     ({"drop_last": 0}, TypeError, r"'drop_last' must be a bool, got int"),
     ({"shuffle": False}, ValueError, r"shuffle=False, but this loader has shuffle=True"),
     ({"world_size": 0}, ValueError, r"'world_size' must be an int >= 1, got 0"),
+    ({"stream": "created:x"}, ValueError, r"'stream' must be a string 'created:<k>' or 'gen"),
+    ({"stream": 1}, ValueError, r"'stream' must be a string 'created:<k>'.*got 1"),
 ]
 
 
@@ -274,7 +278,8 @@ def test_bad_states_are_refused(change: dict[str, Any], error: type[Exception], 
     loader.load_state_dict(GOOD)  # the baseline is valid
     with pytest.raises(error, match=match):
         loader.load_state_dict({**GOOD, **change})
-    assert loader.state_dict() == GOOD  # a refused state changes nothing
+    # A refused state changes nothing; a state without a stream key is the first loader's.
+    assert loader.state_dict() == {**GOOD, "stream": "created:0"}
 
 
 def test_missing_key_and_non_dict_are_refused() -> None:

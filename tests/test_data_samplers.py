@@ -24,6 +24,8 @@ from torch.utils.data import (
 from torchrepro import TorchreproError, isolated_rng
 from torchrepro.data import DataLoader
 
+pytestmark = pytest.mark.usefixtures("each_loader_first")  # loaders stand for separate runs
+
 N = 12
 
 

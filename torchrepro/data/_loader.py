@@ -26,7 +26,7 @@ from torch.utils.data import dataloader as _torch_dataloader
 from .. import _dist, _runinfo
 from .._errors import TorchreproError, TorchreproWarning
 from .._seed import derive_seed
-from . import _state
+from . import _state, _streams
 from ._inspect import find_rngs
 from ._isolate import check_thread, restore_globals, save_globals
 from ._options import (
@@ -89,7 +89,19 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     seeded from ``(seed, epoch, rank, position in the stream)``; resuming replays the
     sampler's indices without loading a sample. A ``DistributedSampler`` over the same
     dataset (injected by a framework) is replaced by torchrepro's global-batch split,
-    with a log line. ``generator=`` is kept as an attribute and not drawn from.
+    with a log line.
+
+    **Streams.** Every loader of a process is its own stream (order and per-sample
+    randomness), named by :attr:`stream`: ``"generator:<s>"`` when ``generator=`` is given
+    (``s`` is its ``initial_seed()``; the generator is not drawn from), else
+    ``"created:<k>"``, the loader's place in the process's creation order among loaders
+    keyed that way (0 for the first). A loader built from another's ``sampler`` or
+    ``batch_sampler`` (Lightning's re-creation) inherits its stream. Two loaders share a
+    stream when given generators of the same seed. ``"created:0"`` is the stream of
+    torchrepro before keys existed; every other key derives its streams from
+    ``derive_seed(seed, "loader-stream", key)`` in place of ``seed``. The key travels in
+    :meth:`state_dict` and :meth:`load_state_dict` restores it, so a resumed loader
+    continues its own stream whatever order the script builds its loaders in.
 
     **Passes.** Each ``iter()`` starts a fresh pass over the current epoch, except the first
     ``iter()`` after :meth:`load_state_dict`, which continues from the loaded position.
@@ -117,23 +129,27 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     Args:
         dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
             pin_memory, drop_last, timeout, worker_init_fn (runs after torchrepro's, which
-            seeds the worker from (seed, worker id)), multiprocessing_context, generator,
+            seeds the worker from (seed, worker id)), multiprocessing_context,
             prefetch_factor, persistent_workers, pin_memory_device, in_order: as in torch.
+        generator: a ``torch.Generator`` whose ``initial_seed()`` keys the loader's stream
+            (see **Streams**), or None; it is kept as an attribute and never drawn from.
         seed: an int in ``[0, 2**64 - 1]``; ``None`` reads ``TORCHREPRO_SEED``, which
             :func:`torchrepro.seed_everything` sets.
 
     Raises:
         ValueError: no seed; a bad ``TORCHREPRO_NUM_WORKERS``; torch's own refusals
             (e.g. ``shuffle`` with ``sampler``, a sampler with an IterableDataset).
-        TypeError: an argument of the wrong type (``num_workers="2"``, ``dataset=None``).
+        TypeError: an argument of the wrong type (``num_workers="2"``, ``dataset=None``,
+            a ``generator`` that is not a ``torch.Generator``).
 
     >>> import torch
     >>> from torchrepro.data import DataLoader
     >>> class Noisy(torch.utils.data.Dataset):
     ...     def __len__(self): return 4
     ...     def __getitem__(self, i): return torch.rand(())
-    >>> a = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1)))
-    >>> b = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1)))
+    >>> same = lambda: torch.Generator().manual_seed(7)  # one key: one stream for both
+    >>> a = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1, generator=same())))
+    >>> b = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1, generator=same())))
     >>> bool(torch.equal(a, b))
     True
     """
@@ -196,6 +212,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._repro_iterable = isinstance(dataset, IterableDataset)
         self._repro_shuffle = shuffle
 
+        inherited = _inherited_stream(sampler, batch_sampler)
         sampler, batch_sampler, batch_size, shuffle, drop_last = _adopt(
             dataset=dataset,
             sampler=sampler,
@@ -228,17 +245,20 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             pin_memory_device=pin_memory_device,
             in_order=in_order,
         )
+        self._repro_stream = inherited if inherited is not None else _streams.key_for(generator)
+        self._repro_stream_seed = _streams.stream_seed(self.seed, self._repro_stream)
+        key_seed = self._repro_stream_seed
         if self._repro_iterable:
-            self._repro_wrapper: MapWrapper | IterableWrapper = IterableWrapper(dataset, self.seed)
+            self._repro_wrapper: MapWrapper | IterableWrapper = IterableWrapper(dataset, key_seed)
         else:
-            self._repro_wrapper = MapWrapper(dataset, self.seed)
+            self._repro_wrapper = MapWrapper(dataset, key_seed)
             if own:
                 self._repro_own = Order(
                     length=0,
                     batch_size=1 if batch_size is None else batch_size,
                     drop_last=drop_last,
                     shuffle=bool(shuffle),
-                    seed=self.seed,
+                    seed=key_seed,
                 )
             else:
                 source = batch_sampler if batch_sampler is not None else sampler
@@ -247,7 +267,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                     batched=batch_sampler is not None,
                     batch_size=batch_size,
                     drop_last=drop_last,
-                    seed=self.seed,
+                    seed=key_seed,
                 )
                 if batch_sampler is not None:
                     # torch sets a SequentialSampler, which a rebuild could use unseeded.
@@ -323,7 +343,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         inner = self._inner_loader()
         # torch's per-pass draws (worker base seed, a datapipe's shuffle seed) come from
         # the private generator: a function of (seed, epoch).
-        inner.generator.manual_seed(derive_seed(self.seed, "loader", epoch))
+        inner.generator.manual_seed(derive_seed(self._repro_stream_seed, "loader", epoch))
         if self._repro_iterable:  # torch warns when more items come than len() said
             inner._IterableDataset_len_called = self._IterableDataset_len_called
         if isolate:  # building the iterator may already load (an iterable's iter(dataset))
@@ -344,9 +364,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             "num_workers": workers,
             "pin_memory": self.pin_memory,
             "timeout": self.timeout,
-            "worker_init_fn": WorkerInit(self.seed, self.worker_init_fn),
+            "worker_init_fn": WorkerInit(self._repro_stream_seed, self.worker_init_fn),
             # Private, so that torch's base-seed draw leaves the global generator alone.
-            "generator": torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
+            "generator": torch.Generator().manual_seed(
+                derive_seed(self._repro_stream_seed, "loader")
+            ),
             "pin_memory_device": self.pin_memory_device,
             "in_order": self.in_order,
         }
@@ -384,7 +406,29 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         state["_repro_inner"] = None  # worker processes do not travel
         return state
 
-    # --- position -------------------------------------------------------------------
+    # --- stream and position ----------------------------------------------------------
+
+    @property
+    def stream(self) -> str:
+        """The key of this loader's stream (order and per-sample randomness):
+        ``"generator:<seed>"`` or ``"created:<k>"``; see the class docstring."""
+        return self._repro_stream
+
+    def _repro_use_stream(self, key: str) -> None:
+        """Draw from the stream ``key`` (a loaded state's) from the next pass on."""
+        if key == self._repro_stream:
+            return
+        self._repro_stream = key
+        seed = self._repro_stream_seed = _streams.stream_seed(self.seed, key)
+        if self._repro_iterable:
+            self._repro_wrapper = IterableWrapper(self.dataset, seed)
+        else:
+            self._repro_wrapper = MapWrapper(self.dataset, seed)
+        if self._repro_own is not None:
+            self._repro_own.reseed(seed)
+        if self._repro_user is not None:
+            self._repro_user.reseed(seed)
+        self._repro_inner = None  # persistent workers hold the old stream's wrapper
 
     @property
     def epoch(self) -> int:
@@ -435,7 +479,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if self._repro_iterable:
             self._check_iterable_resumable()
             return _state.iterable_state(
-                seed=self.seed, epoch=position.epoch, items=position.items, dataset=self.dataset
+                seed=self.seed,
+                stream=self._repro_stream,
+                epoch=position.epoch,
+                items=position.items,
+                dataset=self.dataset,
             )
         if not self.in_order and self.num_workers > 0 and position.batch:
             raise TorchreproError(
@@ -445,6 +493,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if self._repro_user is not None:
             return _state.sampler_state(
                 seed=self.seed,
+                stream=self._repro_stream,
                 epoch=position.epoch,
                 batches=position.batch,
                 samples=position.batch,
@@ -455,6 +504,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             )
         return _state.map_state(
             seed=self.seed,
+            stream=self._repro_stream,
             epoch=position.epoch,
             batches=position.batch,
             order=self._repro_order(),
@@ -493,12 +543,13 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         position = self._repro_position
         if self._repro_iterable:
             self._check_iterable_resumable()
-            epoch, items, dataset_state = _state.load_iterable(state, seed=self.seed)
+            stream, epoch, items, dataset_state = _state.load_iterable(state, seed=self.seed)
+            self._repro_use_stream(stream)
             cast(IterableWrapper, self._repro_wrapper).pending_state = dataset_state
             position.resume_at(epoch, items=items)
             return
         if self._repro_user is not None:
-            epoch, batches = _state.load_sampler(
+            stream, epoch, batches = _state.load_sampler(
                 state,
                 seed=self.seed,
                 length=len(self.dataset),  # type: ignore[arg-type]
@@ -506,15 +557,17 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 drop_last=self.drop_last,
                 world_size=_dist.world_size(),
             )
+            self._repro_use_stream(stream)
             position.resume_at(epoch, batches)
             return
-        epoch, batches = _state.load_map(
+        stream, epoch, batches = _state.load_map(
             state,
             seed=self.seed,
             order=self._repro_order(),
             batch_size=self.batch_size,
             strict=strict and not _dist.world_size_change_is_allowed(),
         )
+        self._repro_use_stream(stream)
         position.resume_at(epoch, batches)
 
     def _check_iterable_resumable(self) -> None:
@@ -595,6 +648,22 @@ def _adopt(
         )
         return None, batch_sampler, batch_size, sampler.shuffle, drop_last or sampler.drop_last
     return sampler, batch_sampler, batch_size, shuffle, drop_last
+
+
+def _inherited_stream(sampler: Any, batch_sampler: Any) -> str | None:
+    """The stream key of the torchrepro loader whose samplers these are (a rebuild), if any."""
+    candidates = (
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+        sampler,
+        getattr(getattr(sampler, "dataset", None), "_sampler", None),  # Lightning's wrapper
+    )
+    for obj in candidates:
+        if isinstance(obj, (Guarded, KeySampler)):
+            loader = obj._loader()
+            if loader is not None:
+                return cast(str, loader._repro_stream)
+    return None
 
 
 def _guard(source: Any, loader: DataLoader[Any], what: str) -> Any:

@@ -68,6 +68,10 @@ class Order:
         self.rank = rank
         self._cached: tuple[int, int, torch.Tensor] | None = None
 
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self._cached = None
+
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
@@ -303,6 +307,10 @@ class UserOrder:
         self.batched = batched  # source is a batch sampler
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.seed = seed
+        self._seeder = _Seeder(seed, "sampler")
+
+    def reseed(self, seed: int) -> None:
         self.seed = seed
         self._seeder = _Seeder(seed, "sampler")
 
