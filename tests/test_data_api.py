@@ -291,8 +291,9 @@ def test_iterable_is_reproducible_for_fixed_workers(workers: int) -> None:
 def test_iterable_resume_with_a_stateful_dataset() -> None:
     whole = torch.cat(list(DataLoader(StatefulStream(), batch_size=2, seed=0)))
     loader = DataLoader(StatefulStream(), batch_size=2, seed=0)
-    head = next(iter(loader))
-    state = loader.state_dict()
+    it = iter(loader)
+    head = next(it)
+    state = loader.state_dict()  # inside the pass: its iterator is alive
     assert (state["epoch"], state["items_received"], state["dataset_state"]) == (
         0,
         2,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -58,3 +60,100 @@ def test_set_epoch_after_the_first_batch_leaves_the_running_pass(workers: int) -
     rest = list(it)  # the bound pass yields epoch 0 to its end, and moves nothing
     assert _same([first, *rest], _epoch(0))
     assert (loader.epoch, loader.state_dict()["batches_received"]) == (3, 0)
+
+
+# --- a pass broken off is over (issue 28, part 2) ----------------------------------------
+
+
+def _broken_off(loader: DataLoader, after: int) -> list[torch.Tensor]:
+    """``for i, batch in enumerate(loader): ...; if i == after - 1: break``."""
+    out = []
+    for i, batch in enumerate(loader):
+        out.append(batch)
+        if i == after - 1:
+            break
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pass_broken_off_ends_its_epoch(workers: int) -> None:
+    loader = DataLoader(Noisy(), batch_size=BATCH, shuffle=True, seed=5, num_workers=workers)
+    for epoch in range(3):  # no set_epoch: each pass starts the next epoch's order
+        assert _same(_broken_off(loader, 2), _epoch(epoch)[:2])
+        assert (loader.epoch, loader.state_dict()["batches_received"]) == (epoch + 1, 0)
+
+
+def test_a_pass_broken_off_when_the_next_binds_ends_its_epoch() -> None:
+    loader = DataLoader(Noisy(), batch_size=BATCH, shuffle=True, seed=5)
+    old = iter(loader)
+    next(old)
+    new = iter(loader)
+    assert loader.epoch == 0  # iter() alone moves nothing
+    assert _same([next(new)], _epoch(1)[:1])  # the old pass is over once the new one binds
+    assert _same([next(old)], _epoch(0)[1:2])  # the old iterator yields, and moves nothing
+    assert loader.state_dict()["batches_received"] == 1
+
+
+def test_a_pass_without_batches_moves_nothing() -> None:
+    loader = DataLoader(Noisy(), batch_size=BATCH, shuffle=True, seed=5)
+    it = iter(loader)
+    del it
+    iter(loader), iter(loader)
+    assert loader.epoch == 0
+    assert _same(_pass(loader), _epoch(0))
+
+
+def test_set_epoch_wins_over_a_broken_off_pass() -> None:
+    loader = DataLoader(Noisy(), batch_size=BATCH, shuffle=True, seed=5)
+    _broken_off(loader, 2)
+    loader.set_epoch(0)  # the epoch just broken off, again from its first batch
+    assert _same(_pass(loader), _epoch(0))
+    _broken_off(loader, 1)
+    loader.set_epoch(7)
+    assert _same(_pass(loader), _epoch(7))
+
+
+def test_lightning_sanity_check_then_validation_sees_the_whole_epoch() -> None:
+    val = DataLoader(Noisy(), batch_size=BATCH, shuffle=True, seed=5)
+    # Lightning's evaluation loop calls _set_sampler_epoch(loader, epoch) before each run
+    # (lightning/pytorch/loops/evaluation_loop.py), which calls loader.sampler.set_epoch.
+    val.sampler.set_epoch(0)
+    _broken_off(val, 2)  # the sanity check, num_sanity_val_steps=2
+    assert val.epoch == 1
+    val.sampler.set_epoch(0)  # validation after the first training epoch
+    assert _same(_pass(val), _epoch(0))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("saved", ["inside", "after"])
+def test_resume_of_a_loop_that_breaks_early_continues_exactly(workers: int, saved: str) -> None:
+    """Each pass reads 3 batches; the run saves at pass 1 after its batch 1 (inside the
+    loop) or after pass 1 (outside it); a fresh loader runs the rest of the script."""
+
+    def build() -> DataLoader:
+        return DataLoader(Noisy(), batch_size=BATCH, shuffle=True, seed=5, num_workers=workers)
+
+    def script(
+        loader: DataLoader, passes: range, *, stop: int | None = None, start: int = 0
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        out: list[torch.Tensor] = []
+        for p in passes:
+            for i, batch in enumerate(loader, start=start if p == passes[0] else 0):
+                out.append(batch)
+                if (p, i) == (passes[-1], stop):
+                    return out, loader.state_dict()  # saved inside the loop
+                if i == 2:
+                    break
+        return out, loader.state_dict()
+
+    reference, _ = script(build(), range(4))
+    resumed = build()
+    if saved == "inside":
+        head, state = script(build(), range(2), stop=1)
+        resumed.load_state_dict(state)
+        tail, _ = script(resumed, range(1, 4), start=2)
+    else:
+        head, state = script(build(), range(2))
+        resumed.load_state_dict(state)
+        tail, _ = script(resumed, range(2, 4))
+    assert _same(head + tail, reference)

@@ -70,11 +70,18 @@ def reference() -> list[dict[str, torch.Tensor]]:
     return _until_epoch(_loader(), 2)
 
 
-def _take(loader: DataLoader, count: int) -> list[dict[str, torch.Tensor]]:
-    out: list[dict[str, torch.Tensor]] = []
+class Taken(list[Any]):
+    """Batches taken, and the iterator of the last pass: a state saved while it is alive
+    is saved inside the loop, mid-pass (a pass broken off, its iterator gone, is over)."""
+
+    iterator: Any = None
+
+
+def _take(loader: DataLoader, count: int) -> Taken:
+    out = Taken()
     while len(out) < count:
-        it = iter(loader)
-        for batch in it:
+        out.iterator = iter(loader)
+        for batch in out.iterator:
             out.append(batch)
             if len(out) == count:
                 break
@@ -91,7 +98,8 @@ def test_resume_matches_uninterrupted(
     reference: list[dict[str, torch.Tensor]], position: int, before: int, after: int
 ) -> None:
     first = _loader(before)
-    _assert_batches_equal(_take(first, position), reference[:position])
+    taken = _take(first, position)
+    _assert_batches_equal(taken, reference[:position])
     state = first.state_dict()
     assert (state["epoch"], state["batches_received"]) == divmod(position, PER_EPOCH)
     resumed = _loader(after)
@@ -104,10 +112,11 @@ def test_second_resume_in_the_same_epoch(
     reference: list[dict[str, torch.Tensor]], persistent: bool
 ) -> None:
     first = _loader(2, persistent_workers=persistent)
-    _take(first, 1)
+    taken = _take(first, 1)
     second = _loader(0)
     second.load_state_dict(first.state_dict())
-    _assert_batches_equal(_take(second, 2), reference[1:3])
+    taken = _take(second, 2)
+    _assert_batches_equal(taken, reference[1:3])
     third = _loader(2, persistent_workers=persistent)
     third.load_state_dict(second.state_dict())
     _assert_batches_equal(_until_epoch(third, 2), reference[3:])
@@ -139,7 +148,7 @@ def test_state_survives_json_and_weights_only(
     tmp_path: Path, reference: list[dict[str, torch.Tensor]]
 ) -> None:
     loader = _loader()
-    _take(loader, 3)
+    taken = _take(loader, 3)  # noqa: F841 (its pass stays open)
     state = loader.state_dict()
     assert json.loads(json.dumps(state)) == state
     torch.save(state, tmp_path / "state.pt")
@@ -153,7 +162,7 @@ def test_resume_in_a_fresh_process(
     tmp_path: Path, run_python: Any, reference: list[dict[str, torch.Tensor]]
 ) -> None:
     loader = _loader()
-    _take(loader, 4)
+    taken = _take(loader, 4)  # noqa: F841 (its pass stays open)
     torch.save(loader.state_dict(), tmp_path / "state.pt")
     code = f"""
 import sys, torch
@@ -181,7 +190,7 @@ def test_set_epoch_and_automatic_epochs(reference: list[dict[str, torch.Tensor]]
 
 def test_world_size_change_needs_strict_false() -> None:
     loader = _loader()
-    _take(loader, 3)
+    taken = _take(loader, 3)  # noqa: F841 (its pass stays open)
     state = loader.state_dict()
     state["world_size"] = 2
     resumed = _loader()
@@ -210,7 +219,8 @@ def test_state_round_trip(
 
     loader = make()
     loader.set_epoch(epoch)
-    taken = [b.tolist() for b in _take(loader, min(position, len(loader)))]
+    batches = _take(loader, min(position, len(loader)))
+    taken = [b.tolist() for b in batches]
     state = json.loads(json.dumps(loader.state_dict()))
     resumed = make()
     resumed.load_state_dict(state)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
+from torchrepro import TorchreproWarning
 from torchrepro.data import DataLoader, _streams
 
 SEED = 3
@@ -125,6 +127,7 @@ def test_resume_continues_each_stream_whatever_the_creation_order(workers: int) 
     def run(built: dict[str, DataLoader], steps: int | None) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
         its = {name: iter(loader) for name, loader in built.items()}
+        live.append(its)  # stopped at ``steps`` inside the pass: its iterators stay alive
         while steps is None or len(out) < 2 * steps:
             try:
                 pair = [next(its["a"]), next(its["b"])]
@@ -136,6 +139,7 @@ def test_resume_continues_each_stream_whatever_the_creation_order(workers: int) 
             out.extend(pair)
         return out
 
+    live: list[Any] = []
     reference = run(loaders("a"), None)
     interrupted = loaders("a")
     head = run(interrupted, 4)
@@ -148,3 +152,31 @@ def test_resume_continues_each_stream_whatever_the_creation_order(workers: int) 
     tail = run(resumed, None)
     assert len(head) + len(tail) == len(reference)
     assert all(torch.equal(x, y) for x, y in zip(head + tail, reference, strict=True))
+
+
+# --- a loader built anew over a dataset read before (issue 28, part 2) ---------------
+
+
+def test_a_loader_built_anew_over_a_dataset_read_before_warns() -> None:
+    dataset = Noisy(12)
+
+    def train_one_epoch() -> torch.Tensor:
+        return _rows(DataLoader(dataset, batch_size=3, shuffle=True, seed=SEED))
+
+    first = train_one_epoch()
+    with pytest.warns(TorchreproWarning, match=r"own stream \('created:1'\).*set_epoch\(epoch\)"):
+        second = train_one_epoch()
+    assert not torch.equal(first, second)  # its own stream: not a replay of epoch 0
+    items = list(range(6))  # a list cannot be weakly referenced: found through its loader
+    keep = DataLoader(items, batch_size=2, seed=SEED)
+    _rows(keep)
+    with pytest.warns(TorchreproWarning, match="set_epoch"):
+        DataLoader(items, batch_size=2, seed=SEED)
+
+
+def test_a_rebuild_from_a_loaders_samplers_does_not_warn() -> None:
+    loader = DataLoader(Noisy(12), batch_size=3, shuffle=True, seed=SEED)
+    _rows(loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, seed=SEED)

@@ -103,11 +103,16 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     :meth:`state_dict` and :meth:`load_state_dict` restores it, so a resumed loader
     continues its own stream whatever order the script builds its loaders in.
 
-    **Passes.** Each ``iter()`` starts a fresh pass over the current epoch, except the first
-    ``iter()`` after :meth:`load_state_dict`, which continues from the loaded position.
-    The epoch advances when the caller receives its last batch; a pass broken off earlier
-    (a framework's sanity check, ``next(iter(loader))``) leaves it, so the next pass is
-    whole. ``set_epoch`` with the current epoch keeps the position.
+    **Passes.** Each ``iter()`` is a pass over the current epoch from its first batch,
+    except the first after :meth:`load_state_dict`, which continues from the loaded
+    position; a pass takes its epoch at its first ``next()``, so ``set_epoch`` between
+    ``iter()`` and the first batch counts. The epoch advances when the caller receives its
+    last batch, and when a pass that yielded batches is broken off (its iterator dropped
+    after ``break``, or a newer pass started): the next pass starts the next epoch's order.
+    A pass that yielded nothing moves nothing. ``set_epoch(e)`` always wins: with the
+    current epoch it keeps a loaded position and makes the next pass cover that epoch.
+    A loader built over a dataset that an earlier loader read warns once, naming
+    ``set_epoch`` (it is a new stream, not the next epoch).
 
     **Rebuilds.** ``loader.sampler`` and ``loader.batch_sampler`` may be iterated only by a
     torchrepro loader: a plain DataLoader rebuilt from them raises :class:`TorchreproError`
@@ -246,6 +251,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             in_order=in_order,
         )
         self._repro_stream = inherited if inherited is not None else _streams.key_for(generator)
+        if inherited is None:
+            _streams.warn_if_read(dataset, self._repro_stream)
         self._repro_stream_seed = _streams.stream_seed(self.seed, self._repro_stream)
         key_seed = self._repro_stream_seed
         if self._repro_iterable:
@@ -318,6 +325,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             check_thread("loading with num_workers=0" if isolate else "the sampler")
         position = self._repro_position
         gen, epoch, start, start_item = position.start_pass()
+        _streams.note_read(self)
         check_epoch(epoch, "the loader's epoch")  # past 2**64 - 1 after the last one ran
         per_epoch: int | None
         count_items = None
@@ -436,8 +444,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         return self._repro_position.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration start epoch ``epoch`` from its first batch; the current
-        epoch keeps its position (frameworks call this right after a resume).
+        """Make the next pass cover epoch ``epoch`` from its first batch; with the current
+        epoch, a position loaded by :meth:`load_state_dict` is kept (frameworks call this
+        right after a resume), as is the count of a pass running, and a pass broken off does
+        not advance the epoch; with another epoch, a pass already running (past its first
+        batch) goes on yielding, but no longer moves the position.
 
         Args:
             epoch: an int in ``[0, 2**64 - 1]``.

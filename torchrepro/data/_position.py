@@ -7,9 +7,12 @@ The rule for passes (one ``iter(loader)`` each, bound to the position at its fir
   :meth:`Position.resume_at` (``load_state_dict``) set a position, which that one pass
   continues from;
 - the epoch advances when the caller receives the epoch's last batch (or the pass runs
-  out); a pass broken off earlier leaves the epoch as it is, so the next pass is whole;
-- ``set_epoch(e)`` with ``e`` the current epoch changes nothing; another ``e`` starts
-  that epoch from its first batch;
+  out), and when a pass that received at least one batch is broken off: its iterator is
+  garbage-collected (``break`` out of a ``for`` loop), or another pass binds, before the
+  epoch's end. A pass broken off before its first batch moves nothing;
+- ``set_epoch(e)`` with ``e`` the current epoch keeps a loaded position and a running
+  pass's count, and makes the next pass cover epoch ``e`` (a broken-off pass of ``e``
+  does not advance it then); another ``e`` starts that epoch from its first batch;
 - only the newest pass counts: an older iterator still yields, but moves nothing.
 
 Batches prefetched by workers but not yet handed to the caller never count.
@@ -17,6 +20,7 @@ Batches prefetched by workers but not yet handed to the caller never count.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -34,21 +38,35 @@ class Position:
         self.pending = False  # a loaded position waits for the next pass
         self.gen = 0  # the newest pass
         self._advanced = False  # the newest pass already moved to the next epoch
+        self._open = False  # the newest pass received batches and has not reached the end
+        self._watch: Any = None  # a weak reference to the newest pass's iterator
 
     def start_pass(self) -> tuple[int, int, int, int]:
         """Begin a pass: ``(generation, epoch, first batch, first item)``."""
+        if self._open:  # the previous pass was broken off: its epoch is over
+            self._next_epoch()
         self.gen += 1
         if not self.pending:
             self.batch = self.items = 0
         self.pending = False
-        self._advanced = False
+        self._advanced = self._open = False
         return self.gen, self.epoch, self.batch, self.items
+
+    def watch(self, iterator: object, gen: int) -> None:
+        """End pass ``gen`` as broken off when ``iterator`` is garbage-collected first."""
+        self._watch = weakref.ref(iterator, lambda _ref: self._dropped(gen))
+
+    def _dropped(self, gen: int) -> None:
+        if gen == self.gen and self._open:
+            self._next_epoch()
 
     def resume_at(self, epoch: int, batch: int = 0, items: int = 0) -> None:
         self.gen += 1
+        self._open = False
         self.epoch, self.batch, self.items, self.pending = epoch, batch, items, True
 
     def set_epoch(self, epoch: int) -> None:
+        self._open = False  # explicit: the next pass covers ``epoch``
         if epoch == self.epoch:
             return
         self.gen += 1
@@ -59,6 +77,7 @@ class Position:
         if gen != self.gen or self._advanced:
             return
         self.batch += 1
+        self._open = True
         if items is not None:
             self.items = items
         if per_epoch is not None and self.batch >= per_epoch:
@@ -71,7 +90,7 @@ class Position:
 
     def _next_epoch(self) -> None:
         self.epoch, self.batch, self.items = self.epoch + 1, 0, 0
-        self._advanced = True
+        self._advanced, self._open = True, False
 
 
 class Pass(NamedTuple):
@@ -105,6 +124,7 @@ class LoaderIter:
     def _bound(self) -> Pass:
         if self._pass is None:
             self._pass = self._start()
+            self._position.watch(self, self._pass.gen)
         return self._pass
 
     def __getattr__(self, name: str) -> Any:

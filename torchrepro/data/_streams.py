@@ -16,17 +16,26 @@ seed itself), which a state dict without a key resumes; any other key ``k`` deri
 streams from ``derive_seed(seed, "loader-stream", k)``. ``state_dict()`` carries the key and
 ``load_state_dict()`` restores it, so a resumed loader continues its own stream whatever
 order the script builds its loaders in.
+
+A loader built over a dataset that an earlier loader of the process already read (a loader
+built anew each epoch, a ``train_one_epoch()`` that builds its own) starts its own stream
+at epoch 0 instead of going on to the next epoch: it warns once per dataset, naming
+``set_epoch``. A rebuild from another loader's samplers does not warn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import threading
+import warnings
+import weakref
 from typing import Any
 
 import torch
 
+from .._errors import TorchreproWarning
 from .._seed import derive_seed
 
 DEFAULT = "created:0"
@@ -43,10 +52,50 @@ def next_created() -> str:
 
 
 def reset_created() -> None:
-    """Start creation order at 0 again (each test of the suite runs as a fresh process would)."""
+    """Start creation order at 0 again and forget the datasets read (each test of the
+    suite runs as a fresh process would)."""
     global _created
     with _lock:
         _created = itertools.count()
+    _read.clear()
+    _readers.clear()
+    _warned.clear()
+
+
+# Datasets a loader has read (weakly; a dataset that cannot be weakly referenced, such as
+# a list, is found through the live loaders that read it), and those already warned about.
+_read: weakref.WeakSet[Any] = weakref.WeakSet()
+_readers: weakref.WeakSet[Any] = weakref.WeakSet()
+_warned: set[int] = set()
+
+
+def note_read(loader: Any) -> None:
+    """``loader`` starts a pass over its dataset."""
+    _readers.add(loader)
+    with contextlib.suppress(TypeError):  # not weakly referable: found via _readers
+        _read.add(loader.dataset)
+
+
+def warn_if_read(dataset: Any, key: str) -> None:
+    """Warn when a loader not rebuilt from another is built over a dataset already read."""
+    try:
+        read = dataset in _read
+    except TypeError:
+        read = False
+    read = read or any(loader.dataset is dataset for loader in list(_readers))
+    if not read or id(dataset) in _warned:
+        return
+    _warned.add(id(dataset))
+    warnings.warn(
+        f"a new torchrepro.DataLoader reads a {type(dataset).__name__} that an earlier "
+        f"loader of this process already read: it starts its own stream ({key!r}) at epoch "
+        "0, not the earlier loader's next epoch, and a resumed run that builds a different "
+        "number of loaders before it draws another stream. To go on epoch by epoch, build "
+        "the loader once and call loader.set_epoch(epoch) before each epoch (and save its "
+        "state_dict() to resume). (Warned once per dataset.)",
+        TorchreproWarning,
+        stacklevel=3,
+    )
 
 
 def key_for(generator: Any) -> str:
