@@ -279,6 +279,7 @@ BAD = [
     ({"world_size": 0}, ValueError, r"'world_size' must be an int >= 1, got 0"),
     ({"stream": "created:x"}, ValueError, r"'stream' must be a string 'created:<k>' or 'gen"),
     ({"stream": 1}, ValueError, r"'stream' must be a string 'created:<k>'.*got 1"),
+    ({"permutation": "x"}, ValueError, r"'permutation' must be 'feistel' or 'randperm', got 'x'"),
 ]
 
 
@@ -289,7 +290,7 @@ def test_bad_states_are_refused(change: dict[str, Any], error: type[Exception], 
     with pytest.raises(error, match=match):
         loader.load_state_dict({**GOOD, **change})
     # A refused state changes nothing; a state without a stream key is the first loader's.
-    assert loader.state_dict() == {**GOOD, "stream": "created:0"}
+    assert loader.state_dict() == {**GOOD, "stream": "created:0", "permutation": "randperm"}
 
 
 def test_missing_key_and_non_dict_are_refused() -> None:

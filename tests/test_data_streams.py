@@ -49,7 +49,7 @@ def test_two_loaders_over_different_datasets_are_independent() -> None:
     assert int(same.sum()) <= 2
 
 
-def test_the_first_loader_of_a_process_draws_the_stream_of_before_keys() -> None:
+def test_the_first_loader_of_a_process_draws_the_streams_of_before_keys() -> None:
     # Recorded with torchrepro at c16efdc (before stream keys): (index, draw) of 2 epochs.
     before = [
         (2, 0.4762704372406006), (7, 0.0472869873046875), (1, 0.35262060165405273),
@@ -63,10 +63,18 @@ def test_the_first_loader_of_a_process_draws_the_stream_of_before_keys() -> None
     expected = torch.tensor([[float(i), d] for i, d in before])
     first = DataLoader(Noisy(10), batch_size=4, shuffle=True, seed=SEED)
     assert first.stream == "created:0"  # the suite starts each test as a fresh process
-    assert torch.equal(_rows(first, 2), expected)
-    # A state saved before keys existed (no "stream") resumes that stream in any loader.
+    rows = _rows(first, 2)
+    # Its per-sample randomness is the same; its order is the new one (see CHANGELOG.md).
+    for epoch in range(2):
+        mine, old = rows[10 * epoch : 10 * epoch + 10], expected[10 * epoch : 10 * epoch + 10]
+        assert torch.equal(_draws_by_index(mine), _draws_by_index(old))
+    assert not torch.equal(rows[:, 0], expected[:, 0])
+    # A state saved before keys and the new order existed (no "stream", no "permutation")
+    # resumes exactly that run, order included, in any loader.
     second = DataLoader(Noisy(10), batch_size=4, shuffle=True, seed=SEED)
-    state = {k: v for k, v in first.state_dict().items() if k != "stream"}
+    state = first.state_dict()
+    for key in ("stream", "permutation"):
+        del state[key]
     state["epoch"] = 0
     second.load_state_dict(state)
     assert second.stream == "created:0"

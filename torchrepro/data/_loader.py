@@ -79,10 +79,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     restored after each batch; this needs the main thread), so the training loop's
     randomness does not depend on data loading.
 
-    **Order.** Without ``sampler``/``batch_sampler``, epoch ``e`` is a permutation drawn
-    from ``derive_seed(seed, "shuffle", e)`` (or the identity), split into global batches
-    across ranks (rank and world size are read when each iteration starts); each sample
-    is seeded from ``(seed, epoch, index)``; resuming costs one permutation. A user's
+    **Order.** Without ``sampler``/``batch_sampler``, epoch ``e`` is a permutation keyed by
+    ``(seed, e)`` (or the identity), computed at the positions read (O(1) per sample at any
+    dataset size; a state saved before this order existed resumes with the ``randperm`` of
+    then), split into global batches across ranks (rank and world size are read when each
+    iteration starts); each sample is seeded from ``(seed, epoch, index)``; resuming skips
+    to the position at no cost. A user's
     ``sampler`` (WeightedRandomSampler, SubsetRandomSampler, your own) or ``batch_sampler``
     (length buckets) runs in its own RNG context seeded from ``(seed, epoch)``: its
     ``generator`` is reseeded and ``set_epoch(e)`` called at each epoch; each sample is
@@ -526,8 +528,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         """Make the next iteration continue where the loader that saved ``state`` stopped.
 
         Works in a new process and with another ``num_workers`` or persistent setting.
-        Skipped samples are not loaded: with torchrepro's order the cost is one
-        permutation, O(dataset length); with a user's sampler, replaying its indices.
+        Skipped samples are not loaded: with torchrepro's order the cost is O(1) (one
+        permutation, O(dataset length), for a state of the old ``randperm`` order); with a
+        user's sampler, replaying its indices.
 
         Args:
             state: a dict from :meth:`state_dict`.
@@ -571,7 +574,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             self._repro_use_stream(stream)
             position.resume_at(epoch, batches)
             return
-        stream, epoch, batches = _state.load_map(
+        stream, permutation, epoch, batches = _state.load_map(
             state,
             seed=self.seed,
             order=self._repro_order(),
@@ -579,6 +582,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             strict=strict and not _dist.world_size_change_is_allowed(),
         )
         self._repro_use_stream(stream)
+        cast(Order, self._repro_own).algorithm = permutation  # sticks: later epochs too
         position.resume_at(epoch, batches)
 
     def _check_iterable_resumable(self) -> None:

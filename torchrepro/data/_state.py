@@ -9,7 +9,8 @@ Map-style datasets::
      "dataset_length": int, "batch_size": int | None, "drop_last": bool,
      "shuffle": bool, "world_size": int,
      "order": "torchrepro" | "sampler",  # optional; missing means "torchrepro"
-     "stream": "created:<k>" | "generator:<seed>"}  # optional; missing means "created:0"
+     "stream": "created:<k>" | "generator:<seed>",  # optional; missing means "created:0"
+     "permutation": "feistel" | "randperm"}  # optional; missing means "randperm"
 
 With ``"order": "sampler"`` (a user's sampler or batch sampler) the position is
 ``batches_received`` only (``samples_consumed`` repeats it: the sampler is replayed on
@@ -20,6 +21,10 @@ Iterable datasets (num_workers=0 and a stateful dataset only)::
     {"version": 1, "kind": "iterable", "seed": int, "epoch": int,
      "items_received": int, "dataset_state": <the dataset's own state_dict()>,
      "stream": str}  # optional, as above
+
+``"permutation"`` versions torchrepro's own order (``_sampler.py``): a state saved before
+the Feistel order existed has none, and the loader that loads it goes on with ``randperm``
+(for every later epoch too), so an old run resumes exactly; new loaders use ``"feistel"``.
 
 ``"stream"`` is the loader's stream key (see ``_streams.py``); a state saved before keys
 existed has none and resumes the stream ``"created:0"``, which is the one it was drawn from.
@@ -32,7 +37,7 @@ from typing import Any
 
 from .._seed import SEED_MAX
 from .._statedict import check_versioned
-from ._sampler import Order
+from ._sampler import FEISTEL, RANDPERM, Order
 from ._streams import DEFAULT, check_key
 
 STATE_VERSION = 1
@@ -49,7 +54,7 @@ MAP_KEYS = (
     "shuffle",
     "world_size",
 )
-OPTIONAL_KEYS = {"map": ("order", "stream"), "iterable": ("stream",)}
+OPTIONAL_KEYS = {"map": ("order", "stream", "permutation"), "iterable": ("stream",)}
 ITERABLE_KEYS = ("version", "kind", "seed", "epoch", "items_received", "dataset_state")
 
 
@@ -142,7 +147,7 @@ def map_state(
     *, seed: int, stream: str, epoch: int, batches: int, order: Order, batch_size: int | None
 ) -> dict[str, Any]:
     """The state for torchrepro's own order."""
-    return _fields(
+    fields = _fields(
         seed=seed,
         stream=stream,
         epoch=epoch,
@@ -154,6 +159,7 @@ def map_state(
         shuffle=order.shuffle,
         world_size=order.world_size,
     )
+    return {**fields, "permutation": order.algorithm}
 
 
 def sampler_state(
@@ -225,11 +231,17 @@ def _check_order(state: Mapping[str, Any], expected: str) -> None:
 
 def load_map(
     state: object, *, seed: int, order: Order, batch_size: int | None, strict: bool
-) -> tuple[str, int, int]:
+) -> tuple[str, str, int, int]:
     """Validate a map-style state against the loader; return
-    ``(stream, epoch, batches_received)``."""
+    ``(stream, permutation, epoch, batches_received)``."""
     state = validate(state, "map")
     _check_order(state, "torchrepro")
+    permutation = state.get("permutation", RANDPERM)
+    if permutation not in (FEISTEL, RANDPERM):
+        raise ValueError(
+            f"loader state 'permutation' must be {FEISTEL!r} or {RANDPERM!r}, got "
+            f"{permutation!r}: was it made by a newer torchrepro?"
+        )
     check_same("seed", check_int(state, "seed", high=SEED_MAX), seed)
     check_same("dataset_length", check_int(state, "dataset_length"), order.length)
     saved_batch = state["batch_size"]
@@ -265,8 +277,8 @@ def load_map(
                 f"batches_received={batches}, got {consumed}"
             )
     if per_epoch and batches >= per_epoch:
-        return stream_of(state), epoch + 1, 0
-    return stream_of(state), epoch, batches
+        return stream_of(state), permutation, epoch + 1, 0
+    return stream_of(state), permutation, epoch, batches
 
 
 def iterable_state(
