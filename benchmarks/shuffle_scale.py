@@ -4,6 +4,8 @@ saved before it), the old one only up to ``--max-old`` samples (it needs 8 bytes
 
 Each measurement runs in a fresh process, so the peak resident memory (``ru_maxrss``) is its
 own; the figure printed is the peak minus the resident memory before building the loader.
+The times are each process's first batch (cold: they include torch's first-use costs, a few
+ms); a warm first batch of a new epoch in a running process is cheaper.
 
     python benchmarks/shuffle_scale.py [--max-old 300000000]
 """

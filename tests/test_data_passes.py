@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import pytest
@@ -157,3 +158,11 @@ def test_resume_of_a_loop_that_breaks_early_continues_exactly(workers: int, save
         resumed.load_state_dict(state)
         tail, _ = script(resumed, range(2, 4))
     assert _same(head + tail, reference)
+
+
+def test_a_loader_with_a_pass_running_still_pickles() -> None:
+    loader = DataLoader(Noisy(), batch_size=BATCH, shuffle=True, seed=5)
+    it = iter(loader)
+    next(it)
+    copy = pickle.loads(pickle.dumps(loader))
+    assert copy.state_dict() == loader.state_dict()

@@ -41,6 +41,11 @@ class Position:
         self._open = False  # the newest pass received batches and has not reached the end
         self._watch: Any = None  # a weak reference to the newest pass's iterator
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_watch"] = None  # a weak reference to an iterator, which does not travel
+        return state
+
     def start_pass(self) -> tuple[int, int, int, int]:
         """Begin a pass: ``(generation, epoch, first batch, first item)``."""
         if self._open:  # the previous pass was broken off: its epoch is over
