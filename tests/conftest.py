@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import torchrepro.core._seed
+from torchrepro.data import _streams
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +69,20 @@ def _env() -> dict[str, str]:
 
 def _rng() -> tuple[Any, ...]:
     return (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_creation_order() -> None:
+    """Each test builds its loaders as a fresh process would: the first is ``created:0``."""
+    _streams.reset_created()
+
+
+@pytest.fixture
+def each_loader_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every loader built without a key of its own draws the stream ``created:0``, as the
+    first loader of a fresh process does: for tests whose loaders stand for separate runs
+    (the reference, the interrupted run, the run with workers) built in one process."""
+    monkeypatch.setattr(_streams, "next_created", lambda: _streams.DEFAULT)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,10 @@ import torchrepro
 from torchrepro.data import DataLoader, sample_seed
 
 N, BATCH = 10, 3
-pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes"),
+    pytest.mark.usefixtures("each_loader_first"),  # loaders stand for separate runs
+]
 
 
 class Augmented(Dataset[dict[str, Any]]):

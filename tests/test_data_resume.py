@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 
 from torchrepro.data import DataLoader
 
+pytestmark = pytest.mark.usefixtures("each_loader_first")  # loaders stand for separate runs
+
 N, BATCH, SEED = 11, 2, 5
 PER_EPOCH = -(-N // BATCH)  # 6 batches, the last one partial
 
@@ -68,11 +70,18 @@ def reference() -> list[dict[str, torch.Tensor]]:
     return _until_epoch(_loader(), 2)
 
 
-def _take(loader: DataLoader, count: int) -> list[dict[str, torch.Tensor]]:
-    out: list[dict[str, torch.Tensor]] = []
+class Taken(list[Any]):
+    """Batches taken, and the iterator of the last pass: a state saved while it is alive
+    is saved inside the loop, mid-pass (a pass broken off, its iterator gone, is over)."""
+
+    iterator: Any = None
+
+
+def _take(loader: DataLoader, count: int) -> Taken:
+    out = Taken()
     while len(out) < count:
-        it = iter(loader)
-        for batch in it:
+        out.iterator = iter(loader)
+        for batch in out.iterator:
             out.append(batch)
             if len(out) == count:
                 break
@@ -89,7 +98,8 @@ def test_resume_matches_uninterrupted(
     reference: list[dict[str, torch.Tensor]], position: int, before: int, after: int
 ) -> None:
     first = _loader(before)
-    _assert_batches_equal(_take(first, position), reference[:position])
+    taken = _take(first, position)
+    _assert_batches_equal(taken, reference[:position])
     state = first.state_dict()
     assert (state["epoch"], state["batches_received"]) == divmod(position, PER_EPOCH)
     resumed = _loader(after)
@@ -102,10 +112,11 @@ def test_second_resume_in_the_same_epoch(
     reference: list[dict[str, torch.Tensor]], persistent: bool
 ) -> None:
     first = _loader(2, persistent_workers=persistent)
-    _take(first, 1)
+    taken = _take(first, 1)
     second = _loader(0)
     second.load_state_dict(first.state_dict())
-    _assert_batches_equal(_take(second, 2), reference[1:3])
+    taken = _take(second, 2)
+    _assert_batches_equal(taken, reference[1:3])
     third = _loader(2, persistent_workers=persistent)
     third.load_state_dict(second.state_dict())
     _assert_batches_equal(_until_epoch(third, 2), reference[3:])
@@ -137,7 +148,7 @@ def test_state_survives_json_and_weights_only(
     tmp_path: Path, reference: list[dict[str, torch.Tensor]]
 ) -> None:
     loader = _loader()
-    _take(loader, 3)
+    taken = _take(loader, 3)  # noqa: F841 (its pass stays open)
     state = loader.state_dict()
     assert json.loads(json.dumps(state)) == state
     torch.save(state, tmp_path / "state.pt")
@@ -151,7 +162,7 @@ def test_resume_in_a_fresh_process(
     tmp_path: Path, run_python: Any, reference: list[dict[str, torch.Tensor]]
 ) -> None:
     loader = _loader()
-    _take(loader, 4)
+    taken = _take(loader, 4)  # noqa: F841 (its pass stays open)
     torch.save(loader.state_dict(), tmp_path / "state.pt")
     code = f"""
 import sys, torch
@@ -179,7 +190,7 @@ def test_set_epoch_and_automatic_epochs(reference: list[dict[str, torch.Tensor]]
 
 def test_world_size_change_needs_strict_false() -> None:
     loader = _loader()
-    _take(loader, 3)
+    taken = _take(loader, 3)  # noqa: F841 (its pass stays open)
     state = loader.state_dict()
     state["world_size"] = 2
     resumed = _loader()
@@ -208,7 +219,8 @@ def test_state_round_trip(
 
     loader = make()
     loader.set_epoch(epoch)
-    taken = [b.tolist() for b in _take(loader, min(position, len(loader)))]
+    batches = _take(loader, min(position, len(loader)))
+    taken = [b.tolist() for b in batches]
     state = json.loads(json.dumps(loader.state_dict()))
     resumed = make()
     resumed.load_state_dict(state)
@@ -265,6 +277,9 @@ BAD = [
     ({"drop_last": 0}, TypeError, r"'drop_last' must be a bool, got int"),
     ({"shuffle": False}, ValueError, r"shuffle=False, but this loader has shuffle=True"),
     ({"world_size": 0}, ValueError, r"'world_size' must be an int >= 1, got 0"),
+    ({"stream": "created:x"}, ValueError, r"'stream' must be a string 'created:<k>' or 'gen"),
+    ({"stream": 1}, ValueError, r"'stream' must be a string 'created:<k>'.*got 1"),
+    ({"permutation": "x"}, ValueError, r"'permutation' must be 'feistel' or 'randperm', got 'x'"),
 ]
 
 
@@ -274,7 +289,8 @@ def test_bad_states_are_refused(change: dict[str, Any], error: type[Exception], 
     loader.load_state_dict(GOOD)  # the baseline is valid
     with pytest.raises(error, match=match):
         loader.load_state_dict({**GOOD, **change})
-    assert loader.state_dict() == GOOD  # a refused state changes nothing
+    # A refused state changes nothing; a state without a stream key is the first loader's.
+    assert loader.state_dict() == {**GOOD, "stream": "created:0", "permutation": "randperm"}
 
 
 def test_missing_key_and_non_dict_are_refused() -> None:

@@ -24,6 +24,8 @@ from torch.utils.data import (
 from torchrepro import TorchreproError, isolated_rng
 from torchrepro.data import DataLoader
 
+pytestmark = pytest.mark.usefixtures("each_loader_first")  # loaders stand for separate runs
+
 N = 12
 
 
@@ -244,18 +246,7 @@ def test_distributed_sampler_for_another_rank_is_kept() -> None:
     assert len(seen) == len(set(seen)) == 8
 
 
-# --- passes: break-off, set_epoch, rank read per iteration ---------------------------
-
-
-def test_a_broken_off_pass_does_not_shorten_the_next() -> None:
-    loader = DataLoader(Noisy(10), batch_size=2, shuffle=True, seed=1)
-    whole = _epochs(loader, 1)
-    loader.set_epoch(0)
-    next(iter(loader))  # a peek, or Lightning's 2-batch sanity check
-    it = iter(loader)
-    next(it), next(it)
-    assert _same([b.reshape(-1, 4) for b in loader], whole)
-    assert loader.epoch == 1
+# --- passes: set_epoch, rank read per iteration (break-off: test_data_passes.py) -------
 
 
 @pytest.mark.parametrize("workers", [0, 2])

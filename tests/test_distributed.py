@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchrepro import derive_seed
+from torchrepro.data._sampler import Order
 
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -151,10 +151,10 @@ def test_resume_with_another_world_size(tmp_path):
         assert any("re-derived from the seed" in w for w in result["warnings"])
         # 5 global batches of 2 x 4 = 40 samples consumed; world 3 reads 12 per global batch,
         # so it continues from sample 36 (rounded down to a whole batch: none skipped).
-        perm = torch.randperm(
-            100, generator=torch.Generator().manual_seed(derive_seed(3, "shuffle", 0))
-        )
-        assert result["next"] == perm[36 + 4 * rank : 36 + 4 * (rank + 1)].tolist()
+        # The global order of epoch 0 (world size 1), as the script's first loader draws it.
+        whole = Order(length=100, batch_size=1, drop_last=False, shuffle=True, seed=3)
+        perm = list(whole.indices(0, 0))
+        assert result["next"] == perm[36 + 4 * rank : 36 + 4 * (rank + 1)]
 
 
 def test_ddp_digits_loop_is_reproducible_across_workers_and_resume(tmp_path):

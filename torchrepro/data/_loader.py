@@ -26,7 +26,7 @@ from torch.utils.data import dataloader as _torch_dataloader
 from .._errors import TorchreproError, TorchreproWarning
 from ..core import _dist, _runinfo
 from ..core._seed import derive_seed
-from . import _state
+from . import _state, _streams
 from ._inspect import find_rngs
 from ._isolate import check_thread, restore_globals, save_globals
 from ._options import (
@@ -36,7 +36,7 @@ from ._options import (
     forced_workers,
     resolve_seed,
 )
-from ._position import LoaderIter, Position
+from ._position import LoaderIter, Pass, Position
 from ._sampler import Guarded, KeySampler, Order, UserOrder
 from ._seeding import Collate, IterableWrapper, MapWrapper, WorkerInit
 
@@ -79,23 +79,42 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     restored after each batch; this needs the main thread), so the training loop's
     randomness does not depend on data loading.
 
-    **Order.** Without ``sampler``/``batch_sampler``, epoch ``e`` is a permutation drawn
-    from ``derive_seed(seed, "shuffle", e)`` (or the identity), split into global batches
-    across ranks (rank and world size are read when each iteration starts); each sample
-    is seeded from ``(seed, epoch, index)``; resuming costs one permutation. A user's
+    **Order.** Without ``sampler``/``batch_sampler``, epoch ``e`` is a permutation keyed by
+    ``(seed, e)`` (or the identity), computed at the positions read (O(1) per sample at any
+    dataset size; a state saved before this order existed resumes with the ``randperm`` of
+    then), split into global batches across ranks (rank and world size are read when each
+    iteration starts); each sample is seeded from ``(seed, epoch, index)``; resuming skips
+    to the position at no cost. A user's
     ``sampler`` (WeightedRandomSampler, SubsetRandomSampler, your own) or ``batch_sampler``
     (length buckets) runs in its own RNG context seeded from ``(seed, epoch)``: its
     ``generator`` is reseeded and ``set_epoch(e)`` called at each epoch; each sample is
     seeded from ``(seed, epoch, rank, position in the stream)``; resuming replays the
     sampler's indices without loading a sample. A ``DistributedSampler`` over the same
     dataset (injected by a framework) is replaced by torchrepro's global-batch split,
-    with a log line. ``generator=`` is kept as an attribute and not drawn from.
+    with a log line.
 
-    **Passes.** Each ``iter()`` starts a fresh pass over the current epoch, except the first
-    ``iter()`` after :meth:`load_state_dict`, which continues from the loaded position.
-    The epoch advances when the caller receives its last batch; a pass broken off earlier
-    (a framework's sanity check, ``next(iter(loader))``) leaves it, so the next pass is
-    whole. ``set_epoch`` with the current epoch keeps the position.
+    **Streams.** Every loader of a process is its own stream (order and per-sample
+    randomness), named by :attr:`stream`: ``"generator:<s>"`` when ``generator=`` is given
+    (``s`` is its ``initial_seed()``; the generator is not drawn from), else
+    ``"created:<k>"``, the loader's place in the process's creation order among loaders
+    keyed that way (0 for the first). A loader built from another's ``sampler`` or
+    ``batch_sampler`` (Lightning's re-creation) inherits its stream. Two loaders share a
+    stream when given generators of the same seed. ``"created:0"`` is the stream of
+    torchrepro before keys existed; every other key derives its streams from
+    ``derive_seed(seed, "loader-stream", key)`` in place of ``seed``. The key travels in
+    :meth:`state_dict` and :meth:`load_state_dict` restores it, so a resumed loader
+    continues its own stream whatever order the script builds its loaders in.
+
+    **Passes.** Each ``iter()`` is a pass over the current epoch from its first batch,
+    except the first after :meth:`load_state_dict`, which continues from the loaded
+    position; a pass takes its epoch at its first ``next()``, so ``set_epoch`` between
+    ``iter()`` and the first batch counts. The epoch advances when the caller receives its
+    last batch, and when a pass that yielded batches is broken off (its iterator dropped
+    after ``break``, or a newer pass started): the next pass starts the next epoch's order.
+    A pass that yielded nothing moves nothing. ``set_epoch(e)`` always wins: with the
+    current epoch it keeps a loaded position and makes the next pass cover that epoch.
+    A loader built over a dataset that an earlier loader read warns once, naming
+    ``set_epoch`` (it is a new stream, not the next epoch).
 
     **Rebuilds.** ``loader.sampler`` and ``loader.batch_sampler`` may be iterated only by a
     torchrepro loader: a plain DataLoader rebuilt from them raises :class:`TorchreproError`
@@ -117,23 +136,27 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     Args:
         dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn,
             pin_memory, drop_last, timeout, worker_init_fn (runs after torchrepro's, which
-            seeds the worker from (seed, worker id)), multiprocessing_context, generator,
+            seeds the worker from (seed, worker id)), multiprocessing_context,
             prefetch_factor, persistent_workers, pin_memory_device, in_order: as in torch.
+        generator: a ``torch.Generator`` whose ``initial_seed()`` keys the loader's stream
+            (see **Streams**), or None; it is kept as an attribute and never drawn from.
         seed: an int in ``[0, 2**64 - 1]``; ``None`` reads ``TORCHREPRO_SEED``, which
             :func:`torchrepro.seed_everything` sets.
 
     Raises:
         ValueError: no seed; a bad ``TORCHREPRO_NUM_WORKERS``; torch's own refusals
             (e.g. ``shuffle`` with ``sampler``, a sampler with an IterableDataset).
-        TypeError: an argument of the wrong type (``num_workers="2"``, ``dataset=None``).
+        TypeError: an argument of the wrong type (``num_workers="2"``, ``dataset=None``,
+            a ``generator`` that is not a ``torch.Generator``).
 
     >>> import torch
     >>> from torchrepro.data import DataLoader
     >>> class Noisy(torch.utils.data.Dataset):
     ...     def __len__(self): return 4
     ...     def __getitem__(self, i): return torch.rand(())
-    >>> a = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1)))
-    >>> b = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1)))
+    >>> same = lambda: torch.Generator().manual_seed(7)  # one key: one stream for both
+    >>> a = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1, generator=same())))
+    >>> b = torch.cat(list(DataLoader(Noisy(), batch_size=2, seed=1, generator=same())))
     >>> bool(torch.equal(a, b))
     True
     """
@@ -196,6 +219,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._repro_iterable = isinstance(dataset, IterableDataset)
         self._repro_shuffle = shuffle
 
+        inherited = _inherited_stream(sampler, batch_sampler)
         sampler, batch_sampler, batch_size, shuffle, drop_last = _adopt(
             dataset=dataset,
             sampler=sampler,
@@ -228,17 +252,22 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             pin_memory_device=pin_memory_device,
             in_order=in_order,
         )
+        self._repro_stream = inherited if inherited is not None else _streams.key_for(generator)
+        if inherited is None:
+            _streams.warn_if_read(dataset, self._repro_stream)
+        self._repro_stream_seed = _streams.stream_seed(self.seed, self._repro_stream)
+        key_seed = self._repro_stream_seed
         if self._repro_iterable:
-            self._repro_wrapper: MapWrapper | IterableWrapper = IterableWrapper(dataset, self.seed)
+            self._repro_wrapper: MapWrapper | IterableWrapper = IterableWrapper(dataset, key_seed)
         else:
-            self._repro_wrapper = MapWrapper(dataset, self.seed)
+            self._repro_wrapper = MapWrapper(dataset, key_seed)
             if own:
                 self._repro_own = Order(
                     length=0,
                     batch_size=1 if batch_size is None else batch_size,
                     drop_last=drop_last,
                     shuffle=bool(shuffle),
-                    seed=self.seed,
+                    seed=key_seed,
                 )
             else:
                 source = batch_sampler if batch_sampler is not None else sampler
@@ -247,7 +276,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                     batched=batch_sampler is not None,
                     batch_size=batch_size,
                     drop_last=drop_last,
-                    seed=self.seed,
+                    seed=key_seed,
                 )
                 if batch_sampler is not None:
                     # torch sets a SequentialSampler, which a rebuild could use unseeded.
@@ -286,10 +315,20 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         isolate = self.num_workers == 0
         if isolate or self._repro_user is not None:
             check_thread("loading with num_workers=0" if isolate else "the sampler")
+        _runinfo.note_loader(self, num_workers=self.num_workers)
+        # The pass binds its epoch and position at its first next(), not here: frameworks
+        # call iter() and then set_epoch() (Lightning, resuming from an epoch-end checkpoint).
+        return LoaderIter(self._repro_start_pass, self._repro_position, isolate=isolate)
+
+    def _repro_start_pass(self) -> Pass:
+        """Bind a pass to the position: build torch's iterator over the epoch's batches."""
+        isolate = self.num_workers == 0
+        if isolate or self._repro_user is not None:
+            check_thread("loading with num_workers=0" if isolate else "the sampler")
         position = self._repro_position
         gen, epoch, start, start_item = position.start_pass()
+        _streams.note_read(self)
         check_epoch(epoch, "the loader's epoch")  # past 2**64 - 1 after the last one ran
-        _runinfo.note_loader(self, num_workers=self.num_workers)
         per_epoch: int | None
         count_items = None
         if self._repro_iterable:
@@ -314,7 +353,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         inner = self._inner_loader()
         # torch's per-pass draws (worker base seed, a datapipe's shuffle seed) come from
         # the private generator: a function of (seed, epoch).
-        inner.generator.manual_seed(derive_seed(self.seed, "loader", epoch))
+        inner.generator.manual_seed(derive_seed(self._repro_stream_seed, "loader", epoch))
         if self._repro_iterable:  # torch warns when more items come than len() said
             inner._IterableDataset_len_called = self._IterableDataset_len_called
         if isolate:  # building the iterator may already load (an iterable's iter(dataset))
@@ -325,14 +364,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 restore_globals(saved)
         else:
             inner_iter = iter(inner)
-        return LoaderIter(
-            inner_iter,
-            position,
-            gen,
-            per_epoch=per_epoch,
-            isolate=isolate,
-            count_items=count_items,
-        )
+        return Pass(inner_iter, gen, per_epoch, count_items)
 
     def _inner_loader(self) -> Any:
         if self._repro_inner is not None:
@@ -342,9 +374,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             "num_workers": workers,
             "pin_memory": self.pin_memory,
             "timeout": self.timeout,
-            "worker_init_fn": WorkerInit(self.seed, self.worker_init_fn),
+            "worker_init_fn": WorkerInit(self._repro_stream_seed, self.worker_init_fn),
             # Private, so that torch's base-seed draw leaves the global generator alone.
-            "generator": torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
+            "generator": torch.Generator().manual_seed(
+                derive_seed(self._repro_stream_seed, "loader")
+            ),
             "pin_memory_device": self.pin_memory_device,
             "in_order": self.in_order,
         }
@@ -382,7 +416,29 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         state["_repro_inner"] = None  # worker processes do not travel
         return state
 
-    # --- position -------------------------------------------------------------------
+    # --- stream and position ----------------------------------------------------------
+
+    @property
+    def stream(self) -> str:
+        """The key of this loader's stream (order and per-sample randomness):
+        ``"generator:<seed>"`` or ``"created:<k>"``; see the class docstring."""
+        return self._repro_stream
+
+    def _repro_use_stream(self, key: str) -> None:
+        """Draw from the stream ``key`` (a loaded state's) from the next pass on."""
+        if key == self._repro_stream:
+            return
+        self._repro_stream = key
+        seed = self._repro_stream_seed = _streams.stream_seed(self.seed, key)
+        if self._repro_iterable:
+            self._repro_wrapper = IterableWrapper(self.dataset, seed)
+        else:
+            self._repro_wrapper = MapWrapper(self.dataset, seed)
+        if self._repro_own is not None:
+            self._repro_own.reseed(seed)
+        if self._repro_user is not None:
+            self._repro_user.reseed(seed)
+        self._repro_inner = None  # persistent workers hold the old stream's wrapper
 
     @property
     def epoch(self) -> int:
@@ -390,8 +446,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         return self._repro_position.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration start epoch ``epoch`` from its first batch; the current
-        epoch keeps its position (frameworks call this right after a resume).
+        """Make the next pass cover epoch ``epoch`` from its first batch; with the current
+        epoch, a position loaded by :meth:`load_state_dict` is kept (frameworks call this
+        right after a resume), as is the count of a pass running, and a pass broken off does
+        not advance the epoch; with another epoch, a pass already running (past its first
+        batch) goes on yielding, but no longer moves the position.
 
         Args:
             epoch: an int in ``[0, 2**64 - 1]``.
@@ -433,7 +492,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if self._repro_iterable:
             self._check_iterable_resumable()
             return _state.iterable_state(
-                seed=self.seed, epoch=position.epoch, items=position.items, dataset=self.dataset
+                seed=self.seed,
+                stream=self._repro_stream,
+                epoch=position.epoch,
+                items=position.items,
+                dataset=self.dataset,
             )
         if not self.in_order and self.num_workers > 0 and position.batch:
             raise TorchreproError(
@@ -443,6 +506,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if self._repro_user is not None:
             return _state.sampler_state(
                 seed=self.seed,
+                stream=self._repro_stream,
                 epoch=position.epoch,
                 batches=position.batch,
                 samples=position.batch,
@@ -453,6 +517,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             )
         return _state.map_state(
             seed=self.seed,
+            stream=self._repro_stream,
             epoch=position.epoch,
             batches=position.batch,
             order=self._repro_order(),
@@ -463,8 +528,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         """Make the next iteration continue where the loader that saved ``state`` stopped.
 
         Works in a new process and with another ``num_workers`` or persistent setting.
-        Skipped samples are not loaded: with torchrepro's order the cost is one
-        permutation, O(dataset length); with a user's sampler, replaying its indices.
+        Skipped samples are not loaded: with torchrepro's order the cost is O(1) (one
+        permutation, O(dataset length), for a state of the old ``randperm`` order); with a
+        user's sampler, replaying its indices.
 
         Args:
             state: a dict from :meth:`state_dict`.
@@ -491,12 +557,13 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         position = self._repro_position
         if self._repro_iterable:
             self._check_iterable_resumable()
-            epoch, items, dataset_state = _state.load_iterable(state, seed=self.seed)
+            stream, epoch, items, dataset_state = _state.load_iterable(state, seed=self.seed)
+            self._repro_use_stream(stream)
             cast(IterableWrapper, self._repro_wrapper).pending_state = dataset_state
             position.resume_at(epoch, items=items)
             return
         if self._repro_user is not None:
-            epoch, batches = _state.load_sampler(
+            stream, epoch, batches = _state.load_sampler(
                 state,
                 seed=self.seed,
                 length=len(self.dataset),  # type: ignore[arg-type]
@@ -504,15 +571,18 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 drop_last=self.drop_last,
                 world_size=_dist.world_size(),
             )
+            self._repro_use_stream(stream)
             position.resume_at(epoch, batches)
             return
-        epoch, batches = _state.load_map(
+        stream, permutation, epoch, batches = _state.load_map(
             state,
             seed=self.seed,
             order=self._repro_order(),
             batch_size=self.batch_size,
             strict=strict and not _dist.world_size_change_is_allowed(),
         )
+        self._repro_use_stream(stream)
+        cast(Order, self._repro_own).algorithm = permutation  # sticks: later epochs too
         position.resume_at(epoch, batches)
 
     def _check_iterable_resumable(self) -> None:
@@ -593,6 +663,22 @@ def _adopt(
         )
         return None, batch_sampler, batch_size, sampler.shuffle, drop_last or sampler.drop_last
     return sampler, batch_sampler, batch_size, shuffle, drop_last
+
+
+def _inherited_stream(sampler: Any, batch_sampler: Any) -> str | None:
+    """The stream key of the torchrepro loader whose samplers these are (a rebuild), if any."""
+    candidates = (
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+        sampler,
+        getattr(getattr(sampler, "dataset", None), "_sampler", None),  # Lightning's wrapper
+    )
+    for obj in candidates:
+        if isinstance(obj, (Guarded, KeySampler)):
+            loader = obj._loader()
+            if loader is not None:
+                return cast(str, loader._repro_stream)
+    return None
 
 
 def _guard(source: Any, loader: DataLoader[Any], what: str) -> Any:

@@ -1,14 +1,18 @@
 """Where the loader is: the epoch, and the batches (or items) of it the caller received.
 
-The rule for passes (one ``iter(loader)`` each):
+The rule for passes (one ``iter(loader)`` each, bound to the position at its first
+``next()``, so that ``set_epoch`` called between ``iter()`` and the first batch counts):
 
-- a new ``iter()`` starts a fresh pass over the current epoch from its first batch,
-  unless :meth:`Position.resume_at` (``load_state_dict``) set a position, which that
-  one ``iter()`` continues from;
+- a new pass covers the current epoch from its first batch, unless
+  :meth:`Position.resume_at` (``load_state_dict``) set a position, which that one pass
+  continues from;
 - the epoch advances when the caller receives the epoch's last batch (or the pass runs
-  out); a pass broken off earlier leaves the epoch as it is, so the next pass is whole;
-- ``set_epoch(e)`` with ``e`` the current epoch changes nothing; another ``e`` starts
-  that epoch from its first batch;
+  out), and when a pass that received at least one batch is broken off: its iterator is
+  garbage-collected (``break`` out of a ``for`` loop), or another pass binds, before the
+  epoch's end. A pass broken off before its first batch moves nothing;
+- ``set_epoch(e)`` with ``e`` the current epoch keeps a loaded position and a running
+  pass's count, and makes the next pass cover epoch ``e`` (a broken-off pass of ``e``
+  does not advance it then); another ``e`` starts that epoch from its first batch;
 - only the newest pass counts: an older iterator still yields, but moves nothing.
 
 Batches prefetched by workers but not yet handed to the caller never count.
@@ -16,8 +20,9 @@ Batches prefetched by workers but not yet handed to the caller never count.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 from ..core import _runinfo
 from ._isolate import check_thread, restore_globals, save_globals, warn_if_cuda_started
@@ -33,21 +38,40 @@ class Position:
         self.pending = False  # a loaded position waits for the next pass
         self.gen = 0  # the newest pass
         self._advanced = False  # the newest pass already moved to the next epoch
+        self._open = False  # the newest pass received batches and has not reached the end
+        self._watch: Any = None  # a weak reference to the newest pass's iterator
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_watch"] = None  # a weak reference to an iterator, which does not travel
+        return state
 
     def start_pass(self) -> tuple[int, int, int, int]:
         """Begin a pass: ``(generation, epoch, first batch, first item)``."""
+        if self._open:  # the previous pass was broken off: its epoch is over
+            self._next_epoch()
         self.gen += 1
         if not self.pending:
             self.batch = self.items = 0
         self.pending = False
-        self._advanced = False
+        self._advanced = self._open = False
         return self.gen, self.epoch, self.batch, self.items
+
+    def watch(self, iterator: object, gen: int) -> None:
+        """End pass ``gen`` as broken off when ``iterator`` is garbage-collected first."""
+        self._watch = weakref.ref(iterator, lambda _ref: self._dropped(gen))
+
+    def _dropped(self, gen: int) -> None:
+        if gen == self.gen and self._open:
+            self._next_epoch()
 
     def resume_at(self, epoch: int, batch: int = 0, items: int = 0) -> None:
         self.gen += 1
+        self._open = False
         self.epoch, self.batch, self.items, self.pending = epoch, batch, items, True
 
     def set_epoch(self, epoch: int) -> None:
+        self._open = False  # explicit: the next pass covers ``epoch``
         if epoch == self.epoch:
             return
         self.gen += 1
@@ -58,6 +82,7 @@ class Position:
         if gen != self.gen or self._advanced:
             return
         self.batch += 1
+        self._open = True
         if items is not None:
             self.items = items
         if per_epoch is not None and self.batch >= per_epoch:
@@ -70,62 +95,74 @@ class Position:
 
     def _next_epoch(self) -> None:
         self.epoch, self.batch, self.items = self.epoch + 1, 0, 0
-        self._advanced = True
+        self._advanced, self._open = True, False
+
+
+class Pass(NamedTuple):
+    """A pass bound to the position: torch's iterator over its batches, and how to count them."""
+
+    inner: Iterator[Any]
+    gen: int
+    per_epoch: int | None  # batches per epoch, if known
+    count_items: Any  # the iterable wrapper whose item count is read, or None
+
+
+_OWN = frozenset(("_start", "_position", "_isolate", "_pass", "_done"))
 
 
 class LoaderIter:
     """What ``iter(loader)`` returns: torch's iterator, counted, and with ``num_workers=0``
-    run between a save and a restore of the main process's global RNGs. Other attributes
-    (torch's ``_workers``, ``_shutdown_workers``, ...) are torch's iterator's."""
+    run between a save and a restore of the main process's global RNGs.
 
-    def __init__(
-        self,
-        inner: Iterator[Any],
-        position: Position,
-        gen: int,
-        *,
-        per_epoch: int | None,
-        isolate: bool,
-        count_items: Any = None,
-    ) -> None:
-        self._inner = inner
+    The pass binds (takes its epoch and first batch from the position, and builds torch's
+    iterator, which starts workers) at its first ``next()``, or when one of torch's
+    iterator attributes (``_workers``, ``_shutdown_workers``, ``len()``, ...) is read first.
+    """
+
+    def __init__(self, start: Callable[[], Pass], position: Position, *, isolate: bool) -> None:
+        self._start = start
         self._position = position
-        self._gen = gen
-        self._per_epoch = per_epoch
         self._isolate = isolate
-        self._count_items = count_items  # the iterable wrapper, whose item count we read
+        self._pass: Pass | None = None
         self._done = False
 
+    def _bound(self) -> Pass:
+        if self._pass is None:
+            self._pass = self._start()
+            self._position.watch(self, self._pass.gen)
+        return self._pass
+
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "_inner":
+        if name.startswith("__") or name in _OWN:
             raise AttributeError(name)
-        return getattr(self._inner, name)
+        return getattr(self._bound().inner, name)
 
     def __iter__(self) -> LoaderIter:
         return self
 
     def __len__(self) -> int:
-        return len(self._inner)  # type: ignore[arg-type]
+        return len(self._bound().inner)  # type: ignore[arg-type]
 
     def __next__(self) -> Any:
+        bound = self._bound()
         try:
             if self._isolate:
                 check_thread("loading with num_workers=0")
                 saved = save_globals()
                 try:
-                    batch = next(self._inner)
+                    batch = next(bound.inner)
                 finally:
                     restore_globals(saved)
                 if not saved[3]:
                     warn_if_cuda_started()
             else:
-                batch = next(self._inner)
+                batch = next(bound.inner)
         except StopIteration:
             if not self._done:
                 self._done = True
-                self._position.exhausted(self._gen)
+                self._position.exhausted(bound.gen)
             raise
-        items = None if self._count_items is None else self._count_items.items
-        self._position.received(self._gen, self._per_epoch, items)
+        items = None if bound.count_items is None else bound.count_items.items
+        self._position.received(bound.gen, bound.per_epoch, items)
         _runinfo.note_batch(batch)
         return batch

@@ -1,8 +1,11 @@
 """The sample order: torchrepro's own global permutation, or a user's sampler, per epoch.
 
-**Own order.** Epoch ``e`` reads ``perm_e = randperm(n)`` drawn from a private generator
-seeded with ``derive_seed(seed, "shuffle", e)`` (the identity without shuffling); the
-permutation does not depend on the world size. Global batch ``g`` is
+**Own order.** Epoch ``e`` reads a permutation ``perm_e`` of ``range(n)`` (the identity
+without shuffling) that does not depend on the world size: ``"feistel"`` (new loaders), a
+keyed bijection computed at the positions read, O(1) time and memory per sample whatever
+``n`` (``_shuffle.py``, keyed by ``derive_words(seed, "feistel", e)``); or ``"randperm"``
+(loaders resumed from a state saved before it existed), ``randperm(n)`` drawn from a
+private generator seeded with ``derive_seed(seed, "shuffle", e)``, O(n) per epoch. Global batch ``g`` is
 ``perm_e[g*B*W:(g+1)*B*W]`` for batch size ``B`` and world size ``W``, and rank ``r``
 takes its slice ``[r*B:(r+1)*B]``. A last, partial global batch of ``m`` samples is
 dropped whole with ``drop_last``; otherwise it is padded to ``ceil(m/W)*W`` samples by
@@ -41,8 +44,13 @@ from ..core._seed import derive_seed
 from ._isolate import check_thread, restore_globals, save_globals
 from ._keys import OWN, STREAM, KeyBatch, make_batch
 from ._seeding import _clear_current, _Seeder
+from ._shuffle import Feistel
+
+FEISTEL = "feistel"  # the order of new loaders
+RANDPERM = "randperm"  # the order before FEISTEL: a state without "permutation" names it
 
 _CHUNK = 8192  # sample positions converted to Python ints at a time
+_FEISTEL_CHUNK = 512  # ... and computed at a time by the Feistel order
 
 
 class Order:
@@ -58,7 +66,9 @@ class Order:
         seed: int,
         world_size: int = 1,
         rank: int = 0,
+        algorithm: str = FEISTEL,
     ) -> None:
+        self.algorithm = algorithm  # FEISTEL or RANDPERM
         self.length = length
         self.batch_size = batch_size
         self.drop_last = drop_last
@@ -67,6 +77,11 @@ class Order:
         self.world_size = world_size
         self.rank = rank
         self._cached: tuple[int, int, torch.Tensor] | None = None
+        self._feistel: Feistel | None = None
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self._cached = self._feistel = None
 
     @property
     def global_batch(self) -> int:
@@ -87,37 +102,49 @@ class Order:
         return min(batches * self.global_batch, self.length)
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        """The whole ``randperm`` permutation of ``epoch`` (the RANDPERM algorithm)."""
         cached = self._cached
         if cached is not None and cached[0] == epoch and cached[1] == self.length:
             return cached[2]
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", epoch))
-            perm = torch.randperm(self.length, generator=gen)
-        else:
-            perm = torch.arange(self.length)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", epoch))
+        perm = torch.randperm(self.length, generator=gen)
         self._cached = (epoch, self.length, perm)
         return perm
+
+    def _lookup(self, epoch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The map from positions of the epoch's global order to dataset indices."""
+        if not self.shuffle:
+            return lambda positions: positions
+        if self.algorithm == RANDPERM:
+            perm = self.permutation(epoch)
+            return lambda positions: perm[positions]
+        feistel = self._feistel
+        if feistel is None or (feistel.n, feistel.epoch) != (self.length, epoch):
+            feistel = self._feistel = Feistel(self.length, self.seed, epoch)
+        return feistel
 
     def indices(self, epoch: int, start_batch: int) -> Iterator[int]:
         """This rank's indices from batch ``start_batch`` to the epoch's end.
 
-        Costs O(n) for the permutation, nothing per skipped sample.
+        Costs nothing per skipped sample; O(n) once for RANDPERM, O(1) per index otherwise.
         """
         n, b, w, r = self.length, self.batch_size, self.world_size, self.rank
         if n == 0:
             return
-        perm = self.permutation(epoch)
+        at = self._lookup(epoch)
         full = n // self.global_batch
-        rows = perm[: full * self.global_batch].view(full, w, b)[:, r, :]
-        step = max(1, _CHUNK // b)
+        offsets = torch.arange(r * b, (r + 1) * b)
+        # Feistel indices cost per position: a small chunk keeps the first batch quick.
+        chunk = _CHUNK if not self.shuffle or self.algorithm == RANDPERM else _FEISTEL_CHUNK
+        step = max(1, chunk // b)
         for first in range(start_batch, full, step):
-            yield from rows[first : first + step].reshape(-1).tolist()
+            rows = torch.arange(first, min(first + step, full))[:, None] * self.global_batch
+            yield from at((rows + offsets).reshape(-1)).tolist()
         rest = n - full * self.global_batch
         if rest and not self.drop_last and start_batch <= full:
             per_rank = -(-rest // w)
             begin = full * self.global_batch + r * per_rank
-            for position in range(begin, begin + per_rank):
-                yield int(perm[position % n])
+            yield from at(torch.arange(begin, begin + per_rank) % n).tolist()
 
     def batches(self, epoch: int, start_batch: int, unbatched: bool) -> Iterator[KeyBatch]:
         """This rank's batches from ``start_batch`` on, as :class:`KeyBatch` es."""
@@ -226,6 +253,7 @@ class KeySampler(_OwnedByLoader, Sampler[int]):
             drop_last=order.drop_last,
             shuffle=order.shuffle,
             seed=order.seed,
+            algorithm=order.algorithm,
         )
         return whole.indices(epoch, 0)
 
@@ -303,6 +331,10 @@ class UserOrder:
         self.batched = batched  # source is a batch sampler
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.seed = seed
+        self._seeder = _Seeder(seed, "sampler")
+
+    def reseed(self, seed: int) -> None:
         self.seed = seed
         self._seeder = _Seeder(seed, "sampler")
 

@@ -8,7 +8,9 @@ Map-style datasets::
      "samples_consumed": int,   # samples of the epoch's global order consumed
      "dataset_length": int, "batch_size": int | None, "drop_last": bool,
      "shuffle": bool, "world_size": int,
-     "order": "torchrepro" | "sampler"}  # optional; missing means "torchrepro"
+     "order": "torchrepro" | "sampler",  # optional; missing means "torchrepro"
+     "stream": "created:<k>" | "generator:<seed>",  # optional; missing means "created:0"
+     "permutation": "feistel" | "randperm"}  # optional; missing means "randperm"
 
 With ``"order": "sampler"`` (a user's sampler or batch sampler) the position is
 ``batches_received`` only (``samples_consumed`` repeats it: the sampler is replayed on
@@ -17,7 +19,15 @@ resume, so no sample count is needed), and the world size cannot change.
 Iterable datasets (num_workers=0 and a stateful dataset only)::
 
     {"version": 1, "kind": "iterable", "seed": int, "epoch": int,
-     "items_received": int, "dataset_state": <the dataset's own state_dict()>}
+     "items_received": int, "dataset_state": <the dataset's own state_dict()>,
+     "stream": str}  # optional, as above
+
+``"permutation"`` versions torchrepro's own order (``_sampler.py``): a state saved before
+the Feistel order existed has none, and the loader that loads it goes on with ``randperm``
+(for every later epoch too), so an old run resumes exactly; new loaders use ``"feistel"``.
+
+``"stream"`` is the loader's stream key (see ``_streams.py``); a state saved before keys
+existed has none and resumes the stream ``"created:0"``, which is the one it was drawn from.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ from typing import Any
 
 from ..core._seed import SEED_MAX
 from ..core._statedict import check_versioned
-from ._sampler import Order
+from ._sampler import FEISTEL, RANDPERM, Order
+from ._streams import DEFAULT, check_key
 
 STATE_VERSION = 1
 MAP_KEYS = (
@@ -43,7 +54,7 @@ MAP_KEYS = (
     "shuffle",
     "world_size",
 )
-OPTIONAL_KEYS = ("order",)
+OPTIONAL_KEYS = {"map": ("order", "stream", "permutation"), "iterable": ("stream",)}
 ITERABLE_KEYS = ("version", "kind", "seed", "epoch", "items_received", "dataset_state")
 
 
@@ -82,12 +93,17 @@ def validate(state: object, kind: str) -> Mapping[str, Any]:
     missing = [key for key in keys if key not in state]
     if missing:
         raise ValueError(f"loader state is missing key(s) {missing}")
-    unknown = sorted(set(state) - set(keys) - set(OPTIONAL_KEYS if kind == "map" else ()))
+    unknown = sorted(set(state) - set(keys) - set(OPTIONAL_KEYS[kind]))
     if unknown:
         raise ValueError(f"loader state has unknown key(s) {unknown}")
     check_int(state, "seed", high=SEED_MAX)
     check_int(state, "epoch", high=SEED_MAX)
+    check_key(state.get("stream", DEFAULT))
     return state
+
+
+def stream_of(state: Mapping[str, Any]) -> str:
+    return str(state.get("stream", DEFAULT))
 
 
 def check_same(key: str, saved: object, here: object) -> None:
@@ -101,6 +117,7 @@ def check_same(key: str, saved: object, here: object) -> None:
 def _fields(
     *,
     seed: int,
+    stream: str,
     epoch: int,
     batches: int,
     samples: int,
@@ -122,15 +139,17 @@ def _fields(
         "drop_last": drop_last,
         "shuffle": shuffle,
         "world_size": world_size,
+        "stream": stream,
     }
 
 
 def map_state(
-    *, seed: int, epoch: int, batches: int, order: Order, batch_size: int | None
+    *, seed: int, stream: str, epoch: int, batches: int, order: Order, batch_size: int | None
 ) -> dict[str, Any]:
     """The state for torchrepro's own order."""
-    return _fields(
+    fields = _fields(
         seed=seed,
+        stream=stream,
         epoch=epoch,
         batches=batches,
         samples=order.samples_consumed(batches),
@@ -140,11 +159,13 @@ def map_state(
         shuffle=order.shuffle,
         world_size=order.world_size,
     )
+    return {**fields, "permutation": order.algorithm}
 
 
 def sampler_state(
     *,
     seed: int,
+    stream: str,
     epoch: int,
     batches: int,
     samples: int,
@@ -157,6 +178,7 @@ def sampler_state(
     (``samples_consumed`` repeats ``batches``: see the module docstring)."""
     fields = _fields(
         seed=seed,
+        stream=stream,
         epoch=epoch,
         batches=batches,
         samples=samples,
@@ -177,8 +199,8 @@ def load_sampler(
     batch_size: int | None,
     drop_last: bool,
     world_size: int,
-) -> tuple[int, int]:
-    """Validate a user-sampler state; return ``(epoch, batches_received)``."""
+) -> tuple[str, int, int]:
+    """Validate a user-sampler state; return ``(stream, epoch, batches_received)``."""
     state = validate(state, "map")
     _check_order(state, "sampler")
     check_same("seed", check_int(state, "seed", high=SEED_MAX), seed)
@@ -194,7 +216,8 @@ def load_sampler(
             "help); resume with the same world size, or let torchrepro order the samples "
             "(shuffle=True/False, no sampler=) to change it"
         )
-    return check_int(state, "epoch", high=SEED_MAX), check_int(state, "batches_received")
+    epoch = check_int(state, "epoch", high=SEED_MAX)
+    return stream_of(state), epoch, check_int(state, "batches_received")
 
 
 def _check_order(state: Mapping[str, Any], expected: str) -> None:
@@ -208,10 +231,17 @@ def _check_order(state: Mapping[str, Any], expected: str) -> None:
 
 def load_map(
     state: object, *, seed: int, order: Order, batch_size: int | None, strict: bool
-) -> tuple[int, int]:
-    """Validate a map-style state against the loader; return ``(epoch, batches_received)``."""
+) -> tuple[str, str, int, int]:
+    """Validate a map-style state against the loader; return
+    ``(stream, permutation, epoch, batches_received)``."""
     state = validate(state, "map")
     _check_order(state, "torchrepro")
+    permutation = state.get("permutation", RANDPERM)
+    if permutation not in (FEISTEL, RANDPERM):
+        raise ValueError(
+            f"loader state 'permutation' must be {FEISTEL!r} or {RANDPERM!r}, got "
+            f"{permutation!r}: was it made by a newer torchrepro?"
+        )
     check_same("seed", check_int(state, "seed", high=SEED_MAX), seed)
     check_same("dataset_length", check_int(state, "dataset_length"), order.length)
     saved_batch = state["batch_size"]
@@ -247,11 +277,13 @@ def load_map(
                 f"batches_received={batches}, got {consumed}"
             )
     if per_epoch and batches >= per_epoch:
-        return epoch + 1, 0
-    return epoch, batches
+        return stream_of(state), permutation, epoch + 1, 0
+    return stream_of(state), permutation, epoch, batches
 
 
-def iterable_state(*, seed: int, epoch: int, items: int, dataset: Any) -> dict[str, Any]:
+def iterable_state(
+    *, seed: int, stream: str, epoch: int, items: int, dataset: Any
+) -> dict[str, Any]:
     return {
         "version": STATE_VERSION,
         "kind": "iterable",
@@ -259,13 +291,14 @@ def iterable_state(*, seed: int, epoch: int, items: int, dataset: Any) -> dict[s
         "epoch": epoch,
         "items_received": items,
         "dataset_state": dataset.state_dict(),
+        "stream": stream,
     }
 
 
-def load_iterable(state: object, *, seed: int) -> tuple[int, int, Any]:
-    """Validate an iterable state; return ``(epoch, items, dataset_state)``."""
+def load_iterable(state: object, *, seed: int) -> tuple[str, int, int, Any]:
+    """Validate an iterable state; return ``(stream, epoch, items, dataset_state)``."""
     state = validate(state, "iterable")
     check_same("seed", check_int(state, "seed", high=SEED_MAX), seed)
     epoch = check_int(state, "epoch", high=SEED_MAX)
     items = check_int(state, "items_received")
-    return epoch, items, state["dataset_state"]
+    return stream_of(state), epoch, items, state["dataset_state"]
