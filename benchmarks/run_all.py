@@ -65,6 +65,7 @@ from trace_overhead import cnn, make_step, measure, mlp
 
 import torchrepro
 from torchrepro.data import DataLoader as ReproLoader
+from torchrepro.data import _streams
 
 TORCH, LIGHTNING, TORCHDATA, REPRO = "torch", "torch + Lightning", "torchdata", "torchrepro"
 COLUMNS = (TORCH, LIGHTNING, TORCHDATA, REPRO)
@@ -329,10 +330,11 @@ def resume(peers: Peers, sizes: Sizes, image_rates: dict[str, float]) -> list[Ro
     }
     log(f"2. resume: checking torchrepro's written state against one iterated to batch {ks[0]}")
     loader = make(REPRO)()
+    loader.load_state_dict(template)  # the template's stream (a second loader has its own)
     it = iter(loader)
     for _ in range(ks[0]):
         next(it)
-    del it
+    # taken while the pass runs: a pass given up (its iterator dropped) is over
     if loader.state_dict() != repro_states[ks[0]]:
         raise RuntimeError("torchrepro's state written from its keys differs from the real one")
     stateful_states: dict[int, dict[str, Any]] = {}
@@ -424,6 +426,7 @@ def _run(
 ) -> tuple[list[torch.Tensor], Checkpoint | None]:
     """Two epochs (or what is left of them after ``resume_from``); a checkpoint at the stop."""
     _seed_globals(0)  # as a fresh process would
+    _streams.reset_created()  # likewise: torchrepro keys loaders by their creation order
     loader = make_loader(
         peers, column, Noisy(CORRECT_N), batch_size=CORRECT_BATCH, num_workers=workers
     )
