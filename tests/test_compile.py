@@ -19,6 +19,7 @@ import torch
 
 import torchrepro
 from torchrepro import DeterminismError, Trace, diff_fingerprints, fingerprint
+from torchrepro.check._plan import plan_runs
 from torchrepro.checkpoint._io import read_checkpoint
 from torchrepro.core._compiled import compile_info, unwrap
 
@@ -287,3 +288,13 @@ def test_trace_step_adds_no_graph_break_or_recompile(compiled_counts):
     records = [json.loads(line) for line in compiled_counts["path"].read_text().splitlines()]
     names = {e["name"] for r in records[1:] for e in r.get("entries", []) if e["kind"] == "grad"}
     assert names == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+# ------------------------------------------------------------------ check's plan
+
+
+def test_check_gives_the_second_run_a_cold_inductor_cache_of_its_own():
+    specs = plan_runs(2, ["num_workers=0,2"], resume_at=5)
+    assert [s.cold_cache for s in specs] == [False, True, False, False]
+    mine = plan_runs(2, ["TORCHINDUCTOR_CACHE_DIR=/a,/b"])
+    assert not any(s.cold_cache for s in mine)  # the user varies the cache: left as asked

@@ -5,6 +5,7 @@ Nothing runs here; :mod:`._execute` runs what this plans.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,9 @@ from ..core import _envvars
 from ..core._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
 from ..core._seed import derive_seed
 
-__all__ = ["MAX_RUNS", "RunSpec", "plan_runs", "run_environment"]
+__all__ = ["INDUCTOR_CACHE_VAR", "MAX_RUNS", "RunSpec", "plan_runs", "run_environment"]
+
+INDUCTOR_CACHE_VAR = "TORCHINDUCTOR_CACHE_DIR"
 
 # The most runs --runs asks for (each is a full training run; more is a typo).
 MAX_RUNS = 100
@@ -50,6 +53,9 @@ class RunSpec:
     """One way to run the command: a name, extra environment, and an optional stop step.
 
     ``must_differ``: the run changes the seed, so its trace must differ from run 1's.
+    ``cold_cache``: the run compiles (``torch.compile``) with an empty Inductor cache of its
+    own (``TORCHINDUCTOR_CACHE_DIR`` in its run directory), so the check also shows that
+    results do not depend on what an earlier run left in the cache.
     """
 
     name: str
@@ -57,6 +63,7 @@ class RunSpec:
     resume_at: int | None = None
     resume_env: dict[str, str] = field(default_factory=dict)
     must_differ: bool = False
+    cold_cache: bool = False
 
 
 def _parse_vary(vary: Sequence[str]) -> list[tuple[str, str, list[str]]]:
@@ -85,7 +92,9 @@ def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None)
     that step and resumed in a second process (with the last value of the first ``--vary``
     for its second process, so resuming also changes, e.g., num_workers).
 
-    A run that changes the seed (``--vary seed=...``) must differ from run 1.
+    A run that changes the seed (``--vary seed=...``) must differ from run 1. The second
+    run gets a cold Inductor cache of its own (:attr:`RunSpec.cold_cache`); the others share
+    the user's cache, warm after the first compiled run.
 
     Raises:
         ValueError: ``runs`` < 1, a malformed ``--vary`` or one of a variable the checker
@@ -116,4 +125,6 @@ def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None)
             resume_env[var] = values[-1]
             label += f" ({name}={values[0]} -> {values[-1]})"
         specs.append(RunSpec(label, dict(base), resume_at=resume_at, resume_env=resume_env))
+    if len(specs) > 1 and INDUCTOR_CACHE_VAR not in specs[1].env:
+        specs[1] = dataclasses.replace(specs[1], cold_cache=True)
     return specs
