@@ -72,6 +72,21 @@ def test_inductor_deterministic_turned_off_fails_naming_the_setting(inductor_con
             Trace(None).step(loss=1.0, model=model)
 
 
+def test_inductor_mode_set_only_through_its_config_is_reset_by_the_first_compiled_call(
+    inductor_config,
+):
+    """Why deterministic() goes through use_deterministic_algorithms (torch >= 2.10)."""
+    if not hasattr(inductor_config, "deterministic"):
+        pytest.skip("this torch has no Inductor deterministic mode (before 2.10)")
+    inductor_config.deterministic = True  # as TORCHINDUCTOR_DETERMINISTIC=1 would
+    torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))  # Dynamo only: no C++
+    assert inductor_config.deterministic is False
+    with torchrepro.deterministic("warn"):
+        torch.compile(lambda x: x + 2, backend="eager")(torch.ones(2))
+        assert inductor_config.deterministic is True
+        Trace(None).step(loss=1.0, model=torch.compile(_model(), backend="eager"))
+
+
 def test_compile_options_turning_deterministic_off_fail():
     model = torch.compile(_model(), options={"deterministic": False})
     with (

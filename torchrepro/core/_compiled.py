@@ -172,7 +172,7 @@ def _compiler_version(command: str) -> str | None:
 
 
 def cpp_compiler() -> dict[str, Any] | None:
-    """The C++ compiler Inductor builds CPU kernels with: its path and ``--version`` line.
+    """The C++ compiler Inductor builds CPU kernels with: its command and ``--version`` line.
 
     None where Inductor is not loaded. The compiler is ``torch._inductor.config.cpp.cxx``'s
     choice (``CXX``, else ``g++``) as Inductor resolves it, when torch exposes that.
@@ -190,7 +190,7 @@ def cpp_compiler() -> dict[str, Any] | None:
     if command is None:
         cxx = getattr(getattr(config, "cpp", None), "cxx", (None, "g++"))
         named = os.environ.get("CXX") or next((c for c in cxx if c), "g++")
-        command = shutil.which(named)
+        command = named if shutil.which(named) else None  # the name, as Inductor gives it
     if command is None:
         return {"path": None, "version": None}
     return {"path": command, "version": _compiler_version(command)}
