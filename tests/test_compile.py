@@ -313,3 +313,26 @@ def test_check_gives_the_second_run_a_cold_inductor_cache_of_its_own():
     assert [s.cold_cache for s in specs] == [False, True, False, False]
     mine = plan_runs(2, ["TORCHINDUCTOR_CACHE_DIR=/a,/b"])
     assert not any(s.cold_cache for s in mine)  # the user varies the cache: left as asked
+    assert not any(s.distort_autotune for s in specs)  # CPU: distortion acts on GPUs only
+    on_gpu = plan_runs(2, ["num_workers=0,2"], gpu=True)
+    assert [s.distort_autotune for s in on_gpu] == [False, True, False]
+    assert on_gpu[1].env == on_gpu[0].env  # still a repeat of run 1
+
+
+def test_execute_gives_a_cold_cache_run_its_cache_and_distorted_timings(tmp_path):
+    import os
+    import sys
+
+    from torchrepro.check._execute import execute
+
+    spec = plan_runs(2, gpu=True)[1]
+    out = tmp_path / "env.txt"
+    code = (
+        "import os, sys; e = os.environ; open(sys.argv[1], 'w').write("
+        "e.get('TORCHINDUCTOR_CACHE_DIR', '-') + ' ' + "
+        "e.get('TORCHINDUCTOR_DISTORT_BENCHMARKING_RESULT', '-'))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}
+    execute([sys.executable, "-c", code, str(out)], spec, tmp_path / "run2", env, None)
+    cache, distort = out.read_text().split()
+    assert cache == str(tmp_path / "run2" / "inductor-cache") and distort == "inverse"
