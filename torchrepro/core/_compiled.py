@@ -192,8 +192,8 @@ def cpp_compiler() -> dict[str, Any] | None:
         named = os.environ.get("CXX") or next((c for c in cxx if c), "g++")
         command = named if shutil.which(named) else None  # the name, as Inductor gives it
     if command is None:
-        return {"path": None, "version": None}
-    return {"path": command, "version": _compiler_version(command)}
+        return {"command": None, "version": None}
+    return {"command": command, "version": _compiler_version(command)}
 
 
 def verify_compiled(model: torch.nn.Module, requested: str | None) -> None:

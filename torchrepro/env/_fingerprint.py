@@ -212,9 +212,10 @@ def fingerprint(model: torch.nn.Module | None = None) -> dict[str, Any]:
         A JSON-serialisable dict with sections ``python``, ``os``, ``cpu``, ``torch``,
         ``gpus``, ``threads``, ``determinism``, ``env``, ``compile``, ``packages``, ``git``.
         ``compile`` holds ``inductor`` (the Inductor settings that change compiled
-        numerics, or None while Inductor is not loaded, i.e. nothing was compiled),
+        numerics, or None while Inductor is not loaded: torch loads it at the first
+        compile and, from 2.10, in ``use_deterministic_algorithms``),
         ``env`` (every ``TORCHINDUCTOR_*``, ``TRITON_*``, ``TORCH_COMPILE_*`` and
-        ``TORCHDYNAMO_*`` variable set), ``cpp_compiler`` (path and version line, or None
+        ``TORCHDYNAMO_*`` variable set), ``cpp_compiler`` (command and version line, or None
         while Inductor is not loaded) and, with ``model``, ``model``.
         Compare two with ``torchrepro env --diff`` or :func:`torchrepro.diff_fingerprints`.
 
