@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import torchrepro.core._determinism
 import torchrepro.core._seed
 from torchrepro.data import _streams
 
@@ -96,7 +97,9 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     flags = _flags()
     rng = _rng()
     warned = torchrepro.core._seed._hash_seed_warned
+    requested = torchrepro.core._determinism._requested
     yield
+    torchrepro.core._determinism._requested = requested  # deterministic() left applied
     leaks = []
     if _env() != env:
         changed = sorted(set(_env().items()) ^ set(env.items()))

@@ -17,7 +17,7 @@ from .._errors import CheckpointError, TraceError
 from ..checkpoint._io import read_checkpoint
 from ..core import _envvars
 from ..trace._compare import TraceData, read_trace
-from ._plan import RunSpec
+from ._plan import DISTORT_VAR, INDUCTOR_CACHE_VAR, RunSpec
 from ._process import gloo_teardown_abort, run_in_group, tail
 from ._results import RunResult
 
@@ -137,6 +137,10 @@ def execute(
         _envvars.CHECKPOINT: str(ckpt_path),
     }
     env.pop(_envvars.STOP_AT, None)
+    if spec.cold_cache:  # empty at the start: created after the emptiness check above
+        env[INDUCTOR_CACHE_VAR] = str(directory / "inductor-cache")
+    if spec.distort_autotune:
+        env[DISTORT_VAR] = "inverse"
 
     def run(run_env: dict[str, str]) -> tuple[int, str, str | None]:
         code, problem = run_process(

@@ -5,6 +5,7 @@ Nothing runs here; :mod:`._execute` runs what this plans.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,17 @@ from ..core import _envvars
 from ..core._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
 from ..core._seed import derive_seed
 
-__all__ = ["MAX_RUNS", "RunSpec", "plan_runs", "run_environment"]
+__all__ = [
+    "DISTORT_VAR",
+    "INDUCTOR_CACHE_VAR",
+    "MAX_RUNS",
+    "RunSpec",
+    "plan_runs",
+    "run_environment",
+]
+
+INDUCTOR_CACHE_VAR = "TORCHINDUCTOR_CACHE_DIR"
+DISTORT_VAR = "TORCHINDUCTOR_DISTORT_BENCHMARKING_RESULT"
 
 # The most runs --runs asks for (each is a full training run; more is a typo).
 MAX_RUNS = 100
@@ -50,6 +61,12 @@ class RunSpec:
     """One way to run the command: a name, extra environment, and an optional stop step.
 
     ``must_differ``: the run changes the seed, so its trace must differ from run 1's.
+    ``cold_cache``: the run compiles (``torch.compile``) with an empty Inductor cache of its
+    own (``TORCHINDUCTOR_CACHE_DIR`` in its run directory), so the check also shows that
+    results do not depend on what an earlier run left in the cache. ``distort_autotune``: it
+    also autotunes with distorted timings (``TORCHINDUCTOR_DISTORT_BENCHMARKING_RESULT=
+    inverse``), as PyTorch's CI tests compiled determinism. Neither is in :attr:`env`: the
+    run still counts as a repeat of run 1, since neither may change results.
     """
 
     name: str
@@ -57,6 +74,8 @@ class RunSpec:
     resume_at: int | None = None
     resume_env: dict[str, str] = field(default_factory=dict)
     must_differ: bool = False
+    cold_cache: bool = False
+    distort_autotune: bool = False
 
 
 def _parse_vary(vary: Sequence[str]) -> list[tuple[str, str, list[str]]]:
@@ -77,7 +96,9 @@ def _parse_vary(vary: Sequence[str]) -> list[tuple[str, str, list[str]]]:
     return parsed
 
 
-def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None) -> list[RunSpec]:
+def plan_runs(
+    runs: int, vary: Sequence[str] = (), resume_at: int | None = None, *, gpu: bool = False
+) -> list[RunSpec]:
     """The runs of a check.
 
     ``runs`` runs with the base environment (the first value of each ``--vary`` applied),
@@ -85,7 +106,12 @@ def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None)
     that step and resumed in a second process (with the last value of the first ``--vary``
     for its second process, so resuming also changes, e.g., num_workers).
 
-    A run that changes the seed (``--vary seed=...``) must differ from run 1.
+    A run that changes the seed (``--vary seed=...``) must differ from run 1. The second
+    run gets a cold Inductor cache of its own (:attr:`RunSpec.cold_cache`); the others share
+    the user's cache, warm after the first compiled run. With ``gpu`` (the checker sees a
+    CUDA device), it also autotunes with distorted timings, unless ``--vary`` sets that
+    variable. On CPU the distortion is left out: it acts only on GPU benchmarking, and a
+    fingerprint difference that does nothing would only mislead an explanation.
 
     Raises:
         ValueError: ``runs`` < 1, a malformed ``--vary`` or one of a variable the checker
@@ -116,4 +142,7 @@ def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None)
             resume_env[var] = values[-1]
             label += f" ({name}={values[0]} -> {values[-1]})"
         specs.append(RunSpec(label, dict(base), resume_at=resume_at, resume_env=resume_env))
+    if len(specs) > 1 and INDUCTOR_CACHE_VAR not in specs[1].env:
+        distort = gpu and DISTORT_VAR not in specs[1].env
+        specs[1] = dataclasses.replace(specs[1], cold_cache=True, distort_autotune=distort)
     return specs

@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from ..core import _envvars
 from ..core._seed import seed_from_env
 from ..trace._compare import Comparison, compare_traces
@@ -83,7 +85,7 @@ def run_check(
     """
     if not command:
         raise ValueError("command must not be empty")
-    specs = plan_runs(runs, vary, resume_at)
+    specs = plan_runs(runs, vary, resume_at, gpu=torch.cuda.is_available())
     if seed is None:
         from_env = seed_from_env()
         seed = 0 if from_env is None else from_env

@@ -29,6 +29,7 @@ import torch
 from .._errors import CheckpointError, RNGStateError, TorchreproWarning
 from .._version import __version__
 from ..core import _dist, _envvars, _runinfo
+from ..core._compiled import ORIG_PREFIX, unwrap
 from ..core._determinism import current_settings
 from ..core._rng import get_rng_state, rng_state_problems, set_rng_state
 from ..core._seed import seed_from_env, seed_streams
@@ -72,7 +73,12 @@ def _qualified(obj: object) -> str:
 
 
 def check_objects(objects: Mapping[str, object]) -> dict[str, Any]:
-    """The objects to checkpoint: ``None`` ones are skipped; the rest must be Stateful."""
+    """The objects to checkpoint: ``None`` ones are skipped; the rest must be Stateful.
+
+    A compiled module (``torch.compile``'s wrapper) is replaced by the module it wraps,
+    which holds the same parameters: its state dict has the module's own keys, without
+    ``_orig_mod.``, so a checkpoint loads into the compiled and the eager model alike.
+    """
     kept = {}
     for name, obj in objects.items():
         if obj is None:
@@ -88,8 +94,20 @@ def check_objects(objects: Mapping[str, object]) -> dict[str, Any]:
                 f"checkpoint object {name}= must have state_dict() and load_state_dict() (or be "
                 f"None to skip it), got {_qualified(obj)}{hint}"
             )
-        kept[name] = obj
+        kept[name] = unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
     return kept
+
+
+def _without_orig_prefix(saved: object) -> object:
+    """A module state saved from a compiled wrapper (every key ``_orig_mod.``-prefixed, as
+    ``torch.compile(m).state_dict()`` gives), renamed in place to the module's own keys."""
+    if (
+        isinstance(saved, dict)
+        and saved
+        and all(isinstance(k, str) and k.startswith(ORIG_PREFIX) for k in saved)
+    ):
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(saved, ORIG_PREFIX)
+    return saved
 
 
 def check_path(path: object, *, none: str = "") -> Path:
@@ -506,7 +524,10 @@ def load_with_meta(
     _settle(call, error, op="load_checkpoint", path=shown, digest=None if done is None else done[3])
     source, kept, content, _digest = done
     assert isinstance(strict, bool)
-    saved: dict[str, Any] = content["objects"]
+    saved: dict[str, Any] = {
+        name: _without_orig_prefix(state) if isinstance(kept.get(name), torch.nn.Module) else state
+        for name, state in content["objects"].items()
+    }
 
     def validate() -> bool:
         resized = _check_world_size(source, content, strict)

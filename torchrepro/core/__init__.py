@@ -5,5 +5,6 @@ No I/O beyond environment variables; imports nothing else of torchrepro but ``_e
 (``get_rng_state``/``set_rng_state``), ``_determinism`` (``deterministic``), ``_envvars``
 (every ``TORCHREPRO_*`` variable), ``_dist`` (torch.distributed facts and the store
 exchange), ``_statedict`` (versioned state dicts), ``_runinfo`` (what a run observed about
-itself, for the trace header).
+itself, for the trace header), ``_compiled`` (torch.compile: the wrapped module, how it is
+compiled, Inductor's settings, read without importing Inductor).
 """

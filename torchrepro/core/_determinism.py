@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,22 @@ def _set_cudnn_tf32(value: bool) -> None:
     torch.backends.cudnn.allow_tf32 = value
 
 
+def _inductor_config() -> Any:
+    # read, never imported here: importing Inductor costs seconds; torch >= 2.10 imports it
+    # in torch.use_deterministic_algorithms, before this setting is read or set
+    return sys.modules.get("torch._inductor.config")
+
+
+def _get_inductor_deterministic() -> bool | None:
+    return getattr(_inductor_config(), "deterministic", None)
+
+
+def _set_inductor_deterministic(value: bool | None) -> None:
+    config = _inductor_config()
+    if value is not None and config is not None and hasattr(config, "deterministic"):
+        config.deterministic = value
+
+
 _SETTINGS: dict[str, _Setting] = {
     "deterministic_algorithms": (
         lambda: (
@@ -91,6 +108,7 @@ _SETTINGS: dict[str, _Setting] = {
         ),
         _set_algorithms,
     ),
+    "inductor.deterministic": (_get_inductor_deterministic, _set_inductor_deterministic),
     "cudnn.deterministic": (lambda: torch.backends.cudnn.deterministic, _set_cudnn_deterministic),
     "cudnn.benchmark": (lambda: torch.backends.cudnn.benchmark, _set_cudnn_benchmark),
     "mkldnn.deterministic": (
@@ -111,6 +129,16 @@ _SETTINGS: dict[str, _Setting] = {
 }
 
 
+# The mode deterministic() last applied and that is still in force ("strict"/"warn"), or
+# None: what verify_compiled checks compiled steps against.
+_requested: str | None = None
+
+
+def requested_mode() -> str | None:
+    """The mode :func:`deterministic` last applied, unless undone or ``"off"``; else None."""
+    return _requested
+
+
 @dataclass
 class DeterminismSettings:
     """What :func:`deterministic` changed, and the means to undo it.
@@ -126,13 +154,16 @@ class DeterminismSettings:
     mode: str
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     _restored: bool = field(default=False, repr=False)
+    _requested_before: str | None = field(default=None, repr=False)
 
     def restore(self) -> None:
         """Put back every setting this call changed (idempotent)."""
+        global _requested
         if self._restored:
             return
         for name, (before, _after) in reversed(list(self.changed.items())):
             _SETTINGS[name][1](before)
+        _requested = self._requested_before
         self._restored = True
 
     def __enter__(self) -> DeterminismSettings:
@@ -170,9 +201,22 @@ def deterministic(
         ``"off"``: PyTorch's defaults (deterministic algorithms off, cuDNN
         ``deterministic=False``, ``benchmark=False``); ``CUBLAS_WORKSPACE_CONFIG`` is left.
 
-    Side effects: the torch flags above; ``os.environ["CUBLAS_WORKSPACE_CONFIG"]``;
+    Compiled code (``torch.compile``): ``use_deterministic_algorithms`` also makes Inductor
+    fall back to eager's deterministic kernels for scatter and indexing (torch >= 2.1) and,
+    on torch >= 2.10, turns on Inductor's deterministic mode
+    (``torch._inductor.config.deterministic``: no benchmarking whose winner changes
+    numerics, e.g. reduction configs, padding, template autotuning). Inductor's mode is set
+    through ``use_deterministic_algorithms`` because Dynamo restores that flag after each
+    compilation, which resets a value set only through Inductor's config or
+    ``TORCHINDUCTOR_DETERMINISTIC=1``; where Inductor is already imported and its mode
+    still differs, it is set directly too. :meth:`torchrepro.Trace.step` verifies at the
+    first compiled step that both are still on, and raises :class:`DeterminismError` if not.
+
+    Side effects: the torch flags above; ``torch._inductor.config.deterministic`` (torch
+    >= 2.10, via ``use_deterministic_algorithms``); ``os.environ["CUBLAS_WORKSPACE_CONFIG"]``;
     ``torch.utils.deterministic.fill_uninitialized_memory``; with ``tf32`` set, the TF32
-    flags for matmul and cuDNN and ``torch.set_float32_matmul_precision``.
+    flags for matmul and cuDNN and ``torch.set_float32_matmul_precision``; and the mode
+    this module remembers for that verification (undone by :meth:`DeterminismSettings.restore`).
 
     Args:
         mode: ``"strict"``, ``"warn"`` or ``"off"``.
@@ -214,12 +258,14 @@ def deterministic(
     wanted: dict[str, Any] = {}
     if mode == "off":
         wanted["deterministic_algorithms"] = (False, False)
+        wanted["inductor.deterministic"] = False
         wanted["cudnn.deterministic"] = False
         wanted["cudnn.benchmark"] = False
         if _has_mkldnn_flag():
             wanted["mkldnn.deterministic"] = False
     else:
         wanted["deterministic_algorithms"] = (True, mode == "warn")
+        wanted["inductor.deterministic"] = True
         wanted["cudnn.deterministic"] = True
         wanted["cudnn.benchmark"] = False
         if _has_mkldnn_flag():
@@ -244,17 +290,21 @@ def deterministic(
         wanted["cudnn.allow_tf32"] = tf32
         wanted["float32_matmul_precision"] = "high" if tf32 else "highest"
 
-    settings = DeterminismSettings(mode)
+    global _requested
+    settings = DeterminismSettings(mode, _requested_before=_requested)
     try:
         for name, value in wanted.items():
             getter, setter = _SETTINGS[name]
             before = getter()
+            if name == "inductor.deterministic" and before is None:
+                continue  # Inductor not loaded (nothing compiled yet), or a torch without it
             if before != value:
                 setter(value)
                 settings.changed[name] = (before, value)
     except BaseException:
         settings.restore()
         raise
+    _requested = None if mode == "off" else mode
     return settings
 
 

@@ -43,7 +43,78 @@ _RULES: tuple[tuple[str, int, str], ...] = (
     ("torch.cuda", 3, "CUDA versions differ: cuBLAS and kernel implementations can differ"),
     ("torch.cudnn", 3, "cuDNN versions differ: convolution algorithms can differ"),
     ("gpus", 4, "GPU models or counts differ: kernels, SM counts and reduction order differ"),
+    (
+        "determinism.inductor.deterministic",
+        5,
+        "Inductor's deterministic mode differs: without it compiled code may pick kernels "
+        "(reduction configs, padding, templates) by timing, which changes results run to run",
+    ),
     ("determinism", 5, "determinism settings differ: nondeterministic kernels may be allowed"),
+    (
+        "compile.model.compiled",
+        1,
+        "one model runs compiled (torch.compile), the other eagerly: compiled kernels fuse "
+        "and reorder float operations, so results differ",
+    ),
+    ("compile.model.backend", 1, "torch.compile backends differ: the kernels run differ"),
+    (
+        "compile.model.options",
+        2,
+        "torch.compile mode or options differ: Inductor generates other kernels",
+    ),
+    (
+        "compile.inductor.deterministic",
+        5,
+        "Inductor's deterministic mode differs: without it compiled code may pick kernels "
+        "(reduction configs, padding, templates) by timing, which changes results run to run",
+    ),
+    (
+        "compile.inductor.fallback_random",
+        5,
+        "Inductor's fallback_random differs: compiled random ops (dropout) draw from eager's "
+        "generator in one run and Inductor's own in the other",
+    ),
+    (
+        "compile.inductor.align_random_eager",
+        5,
+        "Inductor's align_random_eager differs: compiled random ops draw differently",
+    ),
+    (
+        "compile.inductor.max_autotune",
+        5,
+        "Inductor autotuning differs: kernels are picked by timing, so compiled numerics "
+        "can differ",
+    ),
+    (
+        "compile.inductor.coordinate_descent_tuning",
+        5,
+        "Inductor autotuning differs: kernels are picked by timing, so compiled numerics "
+        "can differ",
+    ),
+    (
+        "compile.inductor.cpp.",
+        8,
+        "Inductor's CPU code generation (threads, SIMD width) differs: compiled reductions "
+        "are split differently",
+    ),
+    ("compile.inductor.", 6, "an Inductor setting differs: compiled kernels can differ"),
+    (
+        "compile.cpp_compiler",
+        7,
+        "the C++ compilers Inductor builds CPU kernels with differ: generated code can "
+        "compile to other float operations",
+    ),
+    (
+        "compile.env.TORCHINDUCTOR_DISTORT_BENCHMARKING_RESULT",
+        6,
+        "autotune timings are distorted in one run (as PyTorch's CI does): outside "
+        "Inductor's deterministic mode the picked kernels, and so results, can differ",
+    ),
+    (
+        "compile.env.",
+        6,
+        "an Inductor/Triton/Dynamo environment variable differs: compiled code can differ",
+    ),
     (
         "env.CUBLAS_WORKSPACE_CONFIG",
         5,
@@ -91,7 +162,25 @@ _HARMLESS: tuple[tuple[str, str], ...] = (
     ("cpu.logical_cores", "core count; the thread counts are compared separately"),
     ("fingerprint_version", "fingerprint format"),
     ("gpus.", "GPU memory"),
+    (
+        "compile.env.TORCHINDUCTOR_CACHE_DIR",
+        "where Inductor caches compiled code; a cold or warm cache gives the same kernels",
+    ),
+    (
+        "compile.env.TORCHINDUCTOR_FX_GRAPH_CACHE",
+        "whether compiled graphs are cached; a cached graph is the one compiled before",
+    ),
+    (
+        "compile.env.TORCHINDUCTOR_AUTOGRAD_CACHE",
+        "whether compiled graphs are cached; a cached graph is the one compiled before",
+    ),
+    ("compile.env.TORCHINDUCTOR_FORCE_DISABLE_CACHES", "compile caches off: compiles afresh"),
 )
+
+# Settings that read None while Inductor is not loaded in the process (nothing compiled yet,
+# e.g. a checkpoint loaded before the first compiled step): a difference with None there
+# says when the fingerprint was taken, not how the runs compute.
+_LOADED_ONLY = ("compile.inductor", "compile.cpp_compiler", "determinism.inductor.")
 
 
 def _show(value: Any) -> str:
@@ -112,7 +201,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _classify(key: str) -> tuple[bool, int, str]:
+def _classify(key: str, a: Any = 0, b: Any = 0) -> tuple[bool, int, str]:
+    if key.startswith(_LOADED_ONLY) and (a is None or b is None):
+        return False, 99, "Inductor is not loaded in one process: nothing compiled there yet"
     if key.startswith("gpus[") and key.endswith("memory_gib"):
         return False, 99, "GPU memory size"
     for prefix, reason in _HARMLESS:
@@ -153,6 +244,6 @@ def diff_fingerprints(a: dict[str, Any], b: dict[str, Any]) -> list[Difference]:
         va, vb = flat_a.get(key), flat_b.get(key)
         if va == vb:
             continue
-        changes, rank, reason = _classify(key)
+        changes, rank, reason = _classify(key, va, vb)
         diffs.append(Difference(key, va, vb, reason, changes, rank))
     return sorted(diffs, key=lambda d: (not d.changes_results, d.rank, d.key))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..core._compiled import compile_info, cpp_compiler, inductor_env, inductor_settings
 from ..core._determinism import current_settings
 
 __all__ = ["NUMERIC_ENV_VARS", "fingerprint"]
@@ -181,18 +182,45 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def fingerprint() -> dict[str, Any]:
+def _compile_section(model: torch.nn.Module | None) -> dict[str, Any]:
+    section: dict[str, Any] = {
+        "inductor": inductor_settings(),
+        "env": inductor_env(),
+        "cpp_compiler": cpp_compiler(),
+    }
+    if model is not None:
+        section["model"] = compile_info(model)
+    return section
+
+
+def fingerprint(model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Describe this machine and process in the ways that can change training results.
 
     Reads ``/proc/cpuinfo``, installed package metadata and, when the current directory
-    is in a git repository, ``git rev-parse``/``git status`` (no other side effects;
-    querying GPUs initialises CUDA when it is available). The CPU model, package versions
-    and git state are read once per process (per directory for git) and then reused.
+    is in a git repository, ``git rev-parse``/``git status``; once Inductor is loaded, runs
+    its C++ compiler's ``--version`` (no other side effects; querying GPUs initialises CUDA
+    when it is available; Inductor is never imported by this call). The CPU model, package
+    versions, compiler version and git state are read once per process (per directory for
+    git) and then reused.
+
+    Args:
+        model: the model being trained, if known: the ``compile`` section then says
+            whether it runs compiled, with which backend and Inductor options (the ones
+            ``mode=`` and ``options=`` set). :class:`torchrepro.Trace` passes its model.
 
     Returns:
         A JSON-serialisable dict with sections ``python``, ``os``, ``cpu``, ``torch``,
-        ``gpus``, ``threads``, ``determinism``, ``env``, ``packages``, ``git``.
+        ``gpus``, ``threads``, ``determinism``, ``env``, ``compile``, ``packages``, ``git``.
+        ``compile`` holds ``inductor`` (the Inductor settings that change compiled
+        numerics, or None while Inductor is not loaded: torch loads it at the first
+        compile and, from 2.10, in ``use_deterministic_algorithms``),
+        ``env`` (every ``TORCHINDUCTOR_*``, ``TRITON_*``, ``TORCH_COMPILE_*`` and
+        ``TORCHDYNAMO_*`` variable set), ``cpp_compiler`` (command and version line, or None
+        while Inductor is not loaded) and, with ``model``, ``model``.
         Compare two with ``torchrepro env --diff`` or :func:`torchrepro.diff_fingerprints`.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or None.
 
     >>> import json
     >>> fp = fingerprint()
@@ -201,6 +229,8 @@ def fingerprint() -> dict[str, Any]:
     >>> isinstance(json.dumps(fp), str)
     True
     """
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     packages = _packages()
     settings = {name: _jsonable(value) for name, value in current_settings().items()}
     return {
@@ -233,6 +263,7 @@ def fingerprint() -> dict[str, Any]:
         },
         "determinism": settings,
         "env": {name: os.environ.get(name) for name in NUMERIC_ENV_VARS},
+        "compile": _compile_section(model),
         "packages": dict(packages),
         "git": _copy(_git(os.getcwd())),
     }

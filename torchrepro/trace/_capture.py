@@ -12,6 +12,14 @@ PyTorch flags as nondeterministic on this device, and the record is written to
 ``<trace file>.localize.json``. Then the process ends with status 0: the captured run is
 bounded by the steps from its starting checkpoint to ``N``.
 
+A compiled model (``torch.compile``) runs step ``N`` eagerly: compiled code calls no module
+hooks inside its graph, so while the hooks are armed the capture sets
+``torch.compiler.set_stance("force_eager")`` (torch >= 2.6; the stance is put back when
+they are disarmed), and names modules by the original module's names (no ``_orig_mod.``).
+The captured step thus checksums eager's module outputs and gradients, computed from the
+state the compiled steps before it left: a divergence that only compiled kernels produce
+within step ``N`` shows in the trace, not in the capture.
+
 The capture file has one owner, this module: it writes (:meth:`Capture.finish`), reads
 (:func:`read_capture`) and versions it. Comparing two captures is the check layer's
 (:func:`torchrepro.check._localize.compare_captures`).
@@ -19,8 +27,10 @@ The capture file has one owner, this module: it writes (:meth:`Capture.finish`),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from typing import Any
 
 import torch
@@ -28,6 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._errors import TraceError
 from ..core import _envvars
+from ..core._compiled import unwrap
 from ._audit import audit
 from ._checksum import tensor_checksums
 
@@ -48,6 +59,21 @@ def _tensors(value: object) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for item in value.values() for t in _tensors(item)]
     return []
+
+
+def _force_eager() -> contextlib.AbstractContextManager[Any] | None:
+    """Make compiled code run eagerly until the returned context exits (None: nothing to do).
+
+    Only where Dynamo is loaded (else nothing is compiled) and torch has ``set_stance``.
+    """
+    if "torch._dynamo" not in sys.modules:
+        return None
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        return None
+    stance: contextlib.AbstractContextManager[Any] = set_stance("force_eager")
+    stance.__enter__()
+    return stance
 
 
 def _hex(values: list[int]) -> list[str]:
@@ -77,6 +103,7 @@ class Capture:
         self._calls: dict[int, int] = {}
         self._depth = 0
         self._first_args: dict[int, tuple[Any, ...]] = {}
+        self._eager: contextlib.AbstractContextManager[Any] | None = None  # while armed
 
     @classmethod
     def from_env(cls, *, traced: bool) -> Capture | None:
@@ -128,6 +155,7 @@ class Capture:
 
     def _arm(self) -> None:
         self._disarm()
+        self._eager = _force_eager()
         self._events, self._calls, self._first_args, self._depth = [], {}, {}, 0
         modules = torch.nn.modules.module
         self._handles = [
@@ -139,6 +167,9 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._eager is not None:
+            self._eager.__exit__(None, None, None)
+            self._eager = None
 
     def _pre(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         self._depth += 1
@@ -182,6 +213,7 @@ class Capture:
             )
         if path is None:
             return
+        model = unwrap(model)
         names = {id(m): (name or _ROOT) for name, m in model.named_modules()}
         events = [
             {"phase": phase, "module": names[key], "class": kind, "call": call, "checksums": sums}

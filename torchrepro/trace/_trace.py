@@ -27,6 +27,8 @@ import torch
 from .._errors import TraceError
 from .._version import __version__
 from ..core import _dist, _envvars, _runinfo
+from ..core._compiled import unwrap, verify_compiled
+from ..core._determinism import requested_mode
 from ..core._statedict import check_versioned
 from ..env._fingerprint import fingerprint
 from ._capture import Capture
@@ -305,6 +307,7 @@ class Trace:
         # reference: the model must still be there when the trace ends.
         self._unrecorded: tuple[int, torch.nn.Module] | None = None
         self._pid = os.getpid()
+        self._model: torch.nn.Module | None = None  # the first model stepped: its header facts
         # TORCHREPRO_LOCALIZE_STEP: per-module checksums of one step (torchrepro check).
         self._capture = Capture.from_env(traced=base is not None)
 
@@ -363,10 +366,22 @@ class Trace:
             **tensors: further tensors (or numbers) to record under their keyword names,
                 e.g. ``logits=out``.
 
+        A compiled model (``torch.compile``) is recorded under its module names, without
+        the wrapper's ``_orig_mod.`` prefix, and adds no graph break or recompilation: the
+        trace only reads tensors after the compiled call. At the first step with a model
+        (after its first compiled call), a compiled one is checked to still run with the
+        determinism :func:`torchrepro.deterministic` set, traced or not.
+
         Raises:
             TypeError: ``model`` is not an ``nn.Module``, or a value is not a tensor/number.
+            DeterminismError: at the first step with a compiled model,
+                :func:`torchrepro.deterministic` was called but something has since turned
+                deterministic algorithms or Inductor's deterministic mode off.
             OSError: the trace file cannot be written.
         """
+        if self._model is None and isinstance(model, torch.nn.Module):
+            self._model = model
+            verify_compiled(model, requested_mode())
         self._step += 1
         noted = _runinfo.take_batch()  # every step: a step records only its own batch
         if batch is None:
@@ -408,7 +423,7 @@ class Trace:
         return {"step": self._step, "state": state, "entries": entries}
 
     def _state_items(self, model: torch.nn.Module) -> list[tuple[str, str, torch.Tensor | None]]:
-        params, buffers = _members(model)
+        params, buffers = _members(unwrap(model))
         items: list[tuple[str, str, torch.Tensor | None]] = []
         items.extend((name, "param", p) for name, p in params)
         items.extend((name, "buffer", b) for name, b in buffers)
@@ -437,7 +452,7 @@ class Trace:
             "torch_threads": torch.get_num_threads(),
             "resumed_from": noted.get("resumed_from"),
         }
-        env = fingerprint()
+        env = fingerprint(self._model)
         return {
             "format": TRACE_FORMAT,
             "version": TRACE_VERSION,
