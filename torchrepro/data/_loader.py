@@ -36,7 +36,7 @@ from ._options import (
     forced_workers,
     resolve_seed,
 )
-from ._position import LoaderIter, Position
+from ._position import LoaderIter, Pass, Position
 from ._sampler import Guarded, KeySampler, Order, UserOrder
 from ._seeding import Collate, IterableWrapper, MapWrapper, WorkerInit
 
@@ -286,10 +286,19 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         isolate = self.num_workers == 0
         if isolate or self._repro_user is not None:
             check_thread("loading with num_workers=0" if isolate else "the sampler")
+        _runinfo.note_loader(self, num_workers=self.num_workers)
+        # The pass binds its epoch and position at its first next(), not here: frameworks
+        # call iter() and then set_epoch() (Lightning, resuming from an epoch-end checkpoint).
+        return LoaderIter(self._repro_start_pass, self._repro_position, isolate=isolate)
+
+    def _repro_start_pass(self) -> Pass:
+        """Bind a pass to the position: build torch's iterator over the epoch's batches."""
+        isolate = self.num_workers == 0
+        if isolate or self._repro_user is not None:
+            check_thread("loading with num_workers=0" if isolate else "the sampler")
         position = self._repro_position
         gen, epoch, start, start_item = position.start_pass()
         check_epoch(epoch, "the loader's epoch")  # past 2**64 - 1 after the last one ran
-        _runinfo.note_loader(self, num_workers=self.num_workers)
         per_epoch: int | None
         count_items = None
         if self._repro_iterable:
@@ -325,14 +334,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 restore_globals(saved)
         else:
             inner_iter = iter(inner)
-        return LoaderIter(
-            inner_iter,
-            position,
-            gen,
-            per_epoch=per_epoch,
-            isolate=isolate,
-            count_items=count_items,
-        )
+        return Pass(inner_iter, gen, per_epoch, count_items)
 
     def _inner_loader(self) -> Any:
         if self._repro_inner is not None:

@@ -1,10 +1,11 @@
 """Where the loader is: the epoch, and the batches (or items) of it the caller received.
 
-The rule for passes (one ``iter(loader)`` each):
+The rule for passes (one ``iter(loader)`` each, bound to the position at its first
+``next()``, so that ``set_epoch`` called between ``iter()`` and the first batch counts):
 
-- a new ``iter()`` starts a fresh pass over the current epoch from its first batch,
-  unless :meth:`Position.resume_at` (``load_state_dict``) set a position, which that
-  one ``iter()`` continues from;
+- a new pass covers the current epoch from its first batch, unless
+  :meth:`Position.resume_at` (``load_state_dict``) set a position, which that one pass
+  continues from;
 - the epoch advances when the caller receives the epoch's last batch (or the pass runs
   out); a pass broken off earlier leaves the epoch as it is, so the next pass is whole;
 - ``set_epoch(e)`` with ``e`` the current epoch changes nothing; another ``e`` starts
@@ -16,8 +17,8 @@ Batches prefetched by workers but not yet handed to the caller never count.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 from ..core import _runinfo
 from ._isolate import check_thread, restore_globals, save_globals, warn_if_cuda_started
@@ -73,59 +74,70 @@ class Position:
         self._advanced = True
 
 
+class Pass(NamedTuple):
+    """A pass bound to the position: torch's iterator over its batches, and how to count them."""
+
+    inner: Iterator[Any]
+    gen: int
+    per_epoch: int | None  # batches per epoch, if known
+    count_items: Any  # the iterable wrapper whose item count is read, or None
+
+
+_OWN = frozenset(("_start", "_position", "_isolate", "_pass", "_done"))
+
+
 class LoaderIter:
     """What ``iter(loader)`` returns: torch's iterator, counted, and with ``num_workers=0``
-    run between a save and a restore of the main process's global RNGs. Other attributes
-    (torch's ``_workers``, ``_shutdown_workers``, ...) are torch's iterator's."""
+    run between a save and a restore of the main process's global RNGs.
 
-    def __init__(
-        self,
-        inner: Iterator[Any],
-        position: Position,
-        gen: int,
-        *,
-        per_epoch: int | None,
-        isolate: bool,
-        count_items: Any = None,
-    ) -> None:
-        self._inner = inner
+    The pass binds (takes its epoch and first batch from the position, and builds torch's
+    iterator, which starts workers) at its first ``next()``, or when one of torch's
+    iterator attributes (``_workers``, ``_shutdown_workers``, ``len()``, ...) is read first.
+    """
+
+    def __init__(self, start: Callable[[], Pass], position: Position, *, isolate: bool) -> None:
+        self._start = start
         self._position = position
-        self._gen = gen
-        self._per_epoch = per_epoch
         self._isolate = isolate
-        self._count_items = count_items  # the iterable wrapper, whose item count we read
+        self._pass: Pass | None = None
         self._done = False
 
+    def _bound(self) -> Pass:
+        if self._pass is None:
+            self._pass = self._start()
+        return self._pass
+
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "_inner":
+        if name.startswith("__") or name in _OWN:
             raise AttributeError(name)
-        return getattr(self._inner, name)
+        return getattr(self._bound().inner, name)
 
     def __iter__(self) -> LoaderIter:
         return self
 
     def __len__(self) -> int:
-        return len(self._inner)  # type: ignore[arg-type]
+        return len(self._bound().inner)  # type: ignore[arg-type]
 
     def __next__(self) -> Any:
+        bound = self._bound()
         try:
             if self._isolate:
                 check_thread("loading with num_workers=0")
                 saved = save_globals()
                 try:
-                    batch = next(self._inner)
+                    batch = next(bound.inner)
                 finally:
                     restore_globals(saved)
                 if not saved[3]:
                     warn_if_cuda_started()
             else:
-                batch = next(self._inner)
+                batch = next(bound.inner)
         except StopIteration:
             if not self._done:
                 self._done = True
-                self._position.exhausted(self._gen)
+                self._position.exhausted(bound.gen)
             raise
-        items = None if self._count_items is None else self._count_items.items
-        self._position.received(self._gen, self._per_epoch, items)
+        items = None if bound.count_items is None else bound.count_items.items
+        self._position.received(bound.gen, bound.per_epoch, items)
         _runinfo.note_batch(batch)
         return batch
