@@ -31,6 +31,10 @@ What it does, hook by hook:
   loss (a stack of the micro-batch losses with gradient accumulation) and the parameters;
   at ``TORCHREPRO_STOP_AT=K`` it saves with ``trainer.save_checkpoint`` next to
   ``TORCHREPRO_CHECKPOINT``, records the stop there, and ends the process with status 0.
+  When step K is an epoch's last batch, the stop waits for where the default
+  ``ModelCheckpoint`` saves (``on_validation_end`` of the epoch's validation, else
+  ``on_train_epoch_end``), so the resumed run takes Lightning's epoch-end path as a resume
+  from a real epoch-end checkpoint does.
 
 Under DDP (torchrun, gloo or NCCL) ``use_distributed_sampler`` may stay at Lightning's
 default ``True``: when Lightning rebuilds the loader with its ``DistributedSampler``, the
@@ -119,6 +123,9 @@ class ReproCallback(Callback):
         self._before_validation: dict[str, Any] | None = None
         self._last_step = 0
         self._losses: list[torch.Tensor] = []
+        self._stop_pending = (
+            False  # the stop step ended an epoch: stop where its checkpoint is saved
+        )
 
     # -- resuming --------------------------------------------------------------------------
 
@@ -192,6 +199,8 @@ class ReproCallback(Callback):
         if self._before_validation is not None:
             set_rng_state(self._before_validation)
             self._before_validation = None
+        if self._stop_pending and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._stop(trainer)
 
     def on_train_batch_end(
         self,
@@ -213,14 +222,26 @@ class ReproCallback(Callback):
             recorded = losses[0] if len(losses) == 1 else (torch.stack(losses) if losses else None)
             self.trace.step(loss=recorded, model=pl_module)
         if self._stop_at is not None and step == self._stop_at:
-            target = self._checkpoint_file()
-            trainer.save_checkpoint(target)
-            _common.write_pointer(_FRAMEWORK, step, target)
-            log.info(
-                "torchrepro: saved step %d to %s; stopping (%s)", step, target, _envvars.STOP_AT
-            )
-            _common.leave_process_group()
-            raise SystemExit(0)
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # The epoch's last batch: stop where the default ModelCheckpoint saves (after the
+                # epoch's validation, else at the epoch's end), so the resumed run takes the path
+                # a real epoch-end checkpoint takes, not Lightning's mid-epoch one.
+                self._stop_pending = True
+            else:
+                self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stop_pending:
+            self._stop(trainer)
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        step = trainer.global_step
+        target = self._checkpoint_file()
+        trainer.save_checkpoint(target)
+        _common.write_pointer(_FRAMEWORK, step, target)
+        log.info("torchrepro: saved step %d to %s; stopping (%s)", step, target, _envvars.STOP_AT)
+        _common.leave_process_group()
+        raise SystemExit(0)
 
     # -- state -----------------------------------------------------------------------------
 
