@@ -21,6 +21,7 @@ from _frameworks import EXAMPLES, SCRIPTS, check, run_json, torchrun  # noqa: E4
 
 import torchrepro  # noqa: E402
 from torchrepro.integrations.lightning import ReproCallback  # noqa: E402
+from torchrepro.trace._compare import read_trace  # noqa: E402
 
 ARGS = ["--limit", "256"]  # 8 steps per epoch, 16 in all
 
@@ -186,15 +187,12 @@ def _train(root: Any, epochs: int, ckpt_path: str | None = None) -> dict[str, to
 def test_resume_from_the_default_model_checkpoint_at_an_epoch_end_trains_the_next_epoch(
     clean_env, tmp_path
 ):
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        whole = _train(tmp_path / "whole", epochs=2)
-        _train(tmp_path / "first", epochs=1)
-        (saved,) = (tmp_path / "first" / "checkpoints").glob("*.ckpt")
-        assert saved.name == "epoch=0-step=8.ckpt"
-        resumed = _train(tmp_path / "resumed", epochs=2, ckpt_path=str(saved))
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    clean_env.syspath_prepend(str(SCRIPTS))
+    whole = _train(tmp_path / "whole", epochs=2)
+    _train(tmp_path / "first", epochs=1)
+    (saved,) = (tmp_path / "first" / "checkpoints").glob("*.ckpt")
+    assert saved.name == "epoch=0-step=8.ckpt"
+    resumed = _train(tmp_path / "resumed", epochs=2, ckpt_path=str(saved))
     assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
 
 
@@ -214,12 +212,49 @@ def test_a_stop_at_an_epochs_last_batch_saves_an_epoch_end_checkpoint(
 ):
     clean_env.setenv("TORCHREPRO_CHECKPOINT", str(tmp_path / "ckpt.pt"))
     clean_env.setenv("TORCHREPRO_STOP_AT", str(stop))
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        with pytest.raises(SystemExit):
-            _train(tmp_path, epochs=2)
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    clean_env.syspath_prepend(str(SCRIPTS))
+    with pytest.raises(SystemExit):
+        _train(tmp_path, epochs=2)
     saved = torch.load(tmp_path / "ckpt.pt.lightning.ckpt", weights_only=False)
     assert saved["global_step"] == stop
     assert saved["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"] == epochs_done
+
+
+@pytest.mark.rng_changes
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_a_reload_after_fit_keeps_the_fits_trace(clean_env, tmp_path, stage):
+    clean_env.syspath_prepend(str(SCRIPTS))
+    from lightning_resume import Module, Noisy
+
+    class Evaluated(Module):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.training_step(batch, batch_idx)
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self.training_step(batch, batch_idx)
+
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0])
+
+    trace_path = tmp_path / "trace.jsonl"
+    clean_env.setenv("TORCHREPRO_TRACE", str(trace_path))
+    callback = ReproCallback(seed=0)
+    model = Evaluated()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        callbacks=[callback, pl.callbacks.ModelCheckpoint(save_top_k=-1)],
+        logger=False,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torchrepro.DataLoader(Noisy(), batch_size=8, shuffle=True, seed=0)
+    with torchrepro.deterministic("strict"):
+        trainer.fit(model, loader)
+        # the first epoch's checkpoint, as ckpt_path="best" names it with a monitor
+        getattr(trainer, stage)(model, loader, ckpt_path=str(next(tmp_path.rglob("epoch=0*"))))
+    assert callback.trace is not None
+    callback.trace.close()
+    assert callback.trace.steps == 16
+    assert read_trace(trace_path).steps == list(range(1, 17))

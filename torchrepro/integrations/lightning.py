@@ -20,7 +20,9 @@ What it does, hook by hook:
 - ``state_dict``: every rank's RNG state (gathered, under DDP) and the trace's step count go
   into Lightning's checkpoint, whichever callback or call writes it (``ModelCheckpoint``,
   ``trainer.save_checkpoint``); Lightning itself saves the loader's position.
-- ``load_state_dict`` / ``on_train_start``: each rank's RNG state is restored at the end of
+- ``load_state_dict`` / ``on_train_start``: when ``fit`` resumes (never for the reload of
+  ``validate/test/predict(ckpt_path=...)``, which leaves the RNG and the fit's trace alone),
+  each rank's RNG state is restored at the end of
   Lightning's start-up, before the first batch is fetched or transferred, which is where an
   uninterrupted run stands too (Lightning calls no ``on_train_epoch_start`` when it resumes
   mid-epoch, so that hook is too late).
@@ -123,9 +125,9 @@ class ReproCallback(Callback):
         self._before_validation: dict[str, Any] | None = None
         self._last_step = 0
         self._losses: list[torch.Tensor] = []
-        self._stop_pending = (
-            False  # the stop step ended an epoch: stop where its checkpoint is saved
-        )
+        self._stage: str | None = None  # of the trainer call under way (fit, test, ...)
+        # The stop step ended an epoch: stop where its checkpoint is saved.
+        self._stop_pending = False
 
     # -- resuming --------------------------------------------------------------------------
 
@@ -157,6 +159,8 @@ class ReproCallback(Callback):
     # -- hooks -----------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning calls setup before it restores a checkpoint, for every stage.
+        self._stage = stage
         if stage != "fit":
             return
         set_deterministic(self._mode)
@@ -260,9 +264,15 @@ class ReproCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep this rank's RNG state for the resumed epoch's start; continue the trace.
 
+        Only when the checkpoint is loaded to resume ``fit``: ``validate``, ``test`` and
+        ``predict(ckpt_path=...)`` reload weights, not training, so the RNG and the trace of
+        the fit stay as they are (every trained step stays traced and compared).
+
         Raises:
             TorchreproError: the checkpoint was saved with another seed or world size.
         """
+        if self._stage not in (None, "fit"):
+            return
         state = check_versioned(
             state_dict, what="ReproCallback", version=STATE_VERSION, made_by="ReproCallback"
         )
