@@ -258,3 +258,43 @@ def test_a_reload_after_fit_keeps_the_fits_trace(clean_env, tmp_path, stage):
     callback.trace.close()
     assert callback.trace.steps == 16
     assert read_trace(trace_path).steps == list(range(1, 17))
+
+
+# -- manual optimization, several optimizers (issue 24) -----------------------------------
+
+
+@pytest.mark.rng_changes
+def test_manual_optimization_counts_one_step_per_batch_and_stops_there(clean_env, tmp_path):
+    clean_env.syspath_prepend(str(SCRIPTS))
+    from lightning_gan import train
+
+    clean_env.setenv("TORCHREPRO_TRACE", str(tmp_path / "trace.jsonl"))
+    with torchrepro.deterministic("strict"):
+        whole, trainer = train()
+    assert trainer.global_step == 32  # two optimizer steps per batch
+    assert read_trace(tmp_path / "trace.jsonl").steps == list(range(1, 17))
+
+    clean_env.setenv("TORCHREPRO_TRACE", str(tmp_path / "resumed.jsonl"))
+    clean_env.setenv("TORCHREPRO_CHECKPOINT", str(tmp_path / "ckpt.pt"))
+    clean_env.setenv("TORCHREPRO_STOP_AT", "5")  # odd: global_step is never 5
+    with torchrepro.deterministic("strict"), pytest.raises(SystemExit):
+        train()
+    saved = torch.load(tmp_path / "ckpt.pt.lightning.ckpt", weights_only=False)
+    assert saved["global_step"] == 10
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 5
+    clean_env.delenv("TORCHREPRO_STOP_AT")
+    with torchrepro.deterministic("strict"):
+        resumed, _ = train()
+    assert read_trace(tmp_path / "resumed.jsonl").steps == list(range(1, 17))
+    differing = [
+        k for k, v in whole.state_dict().items() if not torch.equal(v, resumed.state_dict()[k])
+    ]
+    assert differing == []
+
+
+@pytest.mark.slow
+def test_check_resume_at_with_manual_optimization_is_reproducible(tmp_path):
+    command = [sys.executable, str(SCRIPTS / "lightning_gan.py")]
+    proc = check("--runs", "1", "--resume-at", "5", command=command, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "REPRODUCIBLE: 2 runs x 16 steps bitwise identical" in proc.stdout
