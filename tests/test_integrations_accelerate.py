@@ -116,3 +116,21 @@ def test_a_folder_not_saved_by_repro_accelerator_is_refused(clean, tmp_path):
     accelerator = ReproAccelerator(cpu=True, seed=0, trace=False)
     with pytest.raises(torchrepro.TorchreproError, match=r"has no torchrepro\.pt"):
         accelerator.load_state(str(tmp_path))
+
+
+@pytest.mark.rng_changes
+def test_gradient_accumulation_syncs_at_the_epochs_last_batch(clean):
+    accelerator = ReproAccelerator(cpu=True, seed=0, trace=False, gradient_accumulation_steps=2)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torchrepro.DataLoader(_Noisy(), batch_size=12, seed=0)  # 3 batches: 2 + 1
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    synced = []
+    for _epoch in range(2):
+        for x, _y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(model(x).sum())
+                optimizer.step()
+                optimizer.zero_grad()
+                synced.append(accelerator.sync_gradients)
+    assert synced == [False, True, True] * 2

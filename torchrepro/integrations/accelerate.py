@@ -88,17 +88,24 @@ class _PreparedLoader(DataLoaderStateMixin):  # type: ignore[misc]
 
     def __iter__(self) -> Iterator[Any]:
         self.reset()  # the remainder stays -1: the loader's own batches are never padded
+        # Where the epoch ends, for accelerate's gradient accumulation (its own loader looks
+        # one batch ahead, which would move the saved position one batch on): counted from
+        # the position a resume restored.
+        last = self._batches_left() if self.gradient_state.num_steps > 1 else None
         self.gradient_state._add_dataloader(self)
         try:
-            for batch in self.loader:
-                # Where the epoch ends, for accelerate's gradient accumulation (its own loader
-                # looks one batch ahead, which would move the saved position one batch on).
-                if self.gradient_state.num_steps > 1:
-                    position = self.loader.state_dict().get("batches_received")
-                    self.end_of_dataloader = position == len(self.loader)
+            for received, batch in enumerate(self.loader, start=1):
+                self.end_of_dataloader = received == last
                 yield send_to_device(batch, self.device) if self.placement else batch
         finally:
             self.gradient_state._remove_dataloader(self)
+
+    def _batches_left(self) -> int | None:
+        """Batches left in this pass; None when the loader cannot say (an unsized iterable)."""
+        try:
+            return len(self.loader) - int(self.loader.state_dict().get("batches_received", 0))
+        except (TypeError, TorchreproError):
+            return None
 
 
 class ReproAccelerator(Accelerator):  # type: ignore[misc]
