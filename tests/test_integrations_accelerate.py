@@ -1,6 +1,7 @@
 """torchrepro.integrations.accelerate: ReproAccelerator.
 
-End to end (a subprocess): ``torchrepro check`` on examples/train_accelerate.py. In process:
+End to end (subprocesses): ``torchrepro check`` on examples/train_accelerate.py, alone and under
+``accelerate launch`` with 2 CPU processes. In process:
 the plain Accelerator's rebuild is named in the error, and ReproAccelerator's save_state /
 load_state resume mid-epoch bitwise with the other num_workers.
 """
@@ -8,6 +9,8 @@ load_state resume mid-epoch bitwise with the other num_workers.
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +34,16 @@ def test_check_varied_workers_and_mid_epoch_resume_is_reproducible(tmp_path):
     proc = check("--vary", "num_workers=0,2", "--resume-at", "11", command=command, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "REPRODUCIBLE: 4 runs x 16 steps bitwise identical" in proc.stdout
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes_resume_is_reproducible(tmp_path):
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    example = [str(EXAMPLES / "train_accelerate.py"), "--limit", "256"]
+    command = [launcher, "launch", "--cpu", "--num_processes", "2", *example]
+    proc = check("--runs", "1", "--resume-at", "11", command=command, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "REPRODUCIBLE: 2 runs x 16 steps bitwise identical" in proc.stdout
 
 
 # -- in process ---------------------------------------------------------------------------
