@@ -147,6 +147,7 @@ def _frameworks_imported(path: Path) -> set[str]:
 INTEGRATION_FRAMEWORKS = {
     "__init__": set(),
     "_common": set(),
+    "accelerate": {"accelerate"},
     "lightning": {"lightning"},
     "transformers": {"transformers", "datasets"},
 }

@@ -17,10 +17,11 @@ pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("sklearn")
 pytest.importorskip("torchvision")
 
-from _frameworks import EXAMPLES, check, run_json, torchrun  # noqa: E402
+from _frameworks import EXAMPLES, SCRIPTS, check, run_json, torchrun  # noqa: E402
 
 import torchrepro  # noqa: E402
 from torchrepro.integrations.lightning import ReproCallback  # noqa: E402
+from torchrepro.trace._compare import read_trace  # noqa: E402
 
 ARGS = ["--limit", "256"]  # 8 steps per epoch, 16 in all
 
@@ -156,3 +157,144 @@ def test_recorded_stop_not_resumed_is_an_error(clean_env, tmp_path):
     with pytest.raises(torchrepro.TorchreproError, match=r"ckpt_path=repro\.resume_path\(\)"):
         _fit(callback, torchrepro.DataLoader(torch.zeros(8, 2), batch_size=2, seed=0))
     assert callback.resume_path() == str(tmp_path / "ckpt.pt.lightning.ckpt")
+
+
+# -- epoch ends (issue 24) ----------------------------------------------------------------
+
+
+def _train(root: Any, epochs: int, ckpt_path: str | None = None) -> dict[str, torch.Tensor]:
+    """Train lightning_resume.py's module with Lightning's default ModelCheckpoint in ``root``."""
+    from lightning_resume import Module, Noisy
+
+    callback = ReproCallback(seed=0, trace=False)
+    model = Module()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        callbacks=[callback],
+        logger=False,
+        default_root_dir=str(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torchrepro.DataLoader(Noisy(), batch_size=8, shuffle=True, seed=0)
+    with torchrepro.deterministic("strict"):
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
+    return model.state_dict()
+
+
+@pytest.mark.rng_changes
+def test_resume_from_the_default_model_checkpoint_at_an_epoch_end_trains_the_next_epoch(
+    clean_env, tmp_path
+):
+    clean_env.syspath_prepend(str(SCRIPTS))
+    whole = _train(tmp_path / "whole", epochs=2)
+    _train(tmp_path / "first", epochs=1)
+    (saved,) = (tmp_path / "first" / "checkpoints").glob("*.ckpt")
+    assert saved.name == "epoch=0-step=8.ckpt"
+    resumed = _train(tmp_path / "resumed", epochs=2, ckpt_path=str(saved))
+    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
+
+
+@pytest.mark.slow
+def test_check_resume_at_an_epoch_end_takes_the_epoch_end_checkpoint_path(tmp_path):
+    # 8 batches per epoch: the stop at 8 saves where ModelCheckpoint saves (train epoch end).
+    command = [sys.executable, str(SCRIPTS / "lightning_epochs.py")]
+    proc = check("--runs", "1", "--resume-at", "8", command=command, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "REPRODUCIBLE: 2 runs x 16 steps bitwise identical" in proc.stdout
+
+
+@pytest.mark.rng_changes
+@pytest.mark.parametrize(("stop", "epochs_done"), [(8, 1), (7, 0)])
+def test_a_stop_at_an_epochs_last_batch_saves_an_epoch_end_checkpoint(
+    clean_env, tmp_path, stop, epochs_done
+):
+    clean_env.setenv("TORCHREPRO_CHECKPOINT", str(tmp_path / "ckpt.pt"))
+    clean_env.setenv("TORCHREPRO_STOP_AT", str(stop))
+    clean_env.syspath_prepend(str(SCRIPTS))
+    with pytest.raises(SystemExit):
+        _train(tmp_path, epochs=2)
+    saved = torch.load(tmp_path / "ckpt.pt.lightning.ckpt", weights_only=False)
+    assert saved["global_step"] == stop
+    assert saved["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"] == epochs_done
+
+
+@pytest.mark.rng_changes
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_a_reload_after_fit_keeps_the_fits_trace(clean_env, tmp_path, stage):
+    clean_env.syspath_prepend(str(SCRIPTS))
+    from lightning_resume import Module, Noisy
+
+    class Evaluated(Module):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.training_step(batch, batch_idx)
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self.training_step(batch, batch_idx)
+
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0])
+
+    trace_path = tmp_path / "trace.jsonl"
+    clean_env.setenv("TORCHREPRO_TRACE", str(trace_path))
+    callback = ReproCallback(seed=0)
+    model = Evaluated()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        callbacks=[callback, pl.callbacks.ModelCheckpoint(save_top_k=-1)],
+        logger=False,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torchrepro.DataLoader(Noisy(), batch_size=8, shuffle=True, seed=0)
+    with torchrepro.deterministic("strict"):
+        trainer.fit(model, loader)
+        # the first epoch's checkpoint, as ckpt_path="best" names it with a monitor
+        getattr(trainer, stage)(model, loader, ckpt_path=str(next(tmp_path.rglob("epoch=0*"))))
+    assert callback.trace is not None
+    callback.trace.close()
+    assert callback.trace.steps == 16
+    assert read_trace(trace_path).steps == list(range(1, 17))
+
+
+# -- manual optimization, several optimizers (issue 24) -----------------------------------
+
+
+@pytest.mark.rng_changes
+def test_manual_optimization_counts_one_step_per_batch_and_stops_there(clean_env, tmp_path):
+    clean_env.syspath_prepend(str(SCRIPTS))
+    from lightning_gan import train
+
+    clean_env.setenv("TORCHREPRO_TRACE", str(tmp_path / "trace.jsonl"))
+    with torchrepro.deterministic("strict"):
+        whole, trainer = train()
+    assert trainer.global_step == 32  # two optimizer steps per batch
+    assert read_trace(tmp_path / "trace.jsonl").steps == list(range(1, 17))
+
+    clean_env.setenv("TORCHREPRO_TRACE", str(tmp_path / "resumed.jsonl"))
+    clean_env.setenv("TORCHREPRO_CHECKPOINT", str(tmp_path / "ckpt.pt"))
+    clean_env.setenv("TORCHREPRO_STOP_AT", "5")  # odd: global_step is never 5
+    with torchrepro.deterministic("strict"), pytest.raises(SystemExit):
+        train()
+    saved = torch.load(tmp_path / "ckpt.pt.lightning.ckpt", weights_only=False)
+    assert saved["global_step"] == 10
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 5
+    clean_env.delenv("TORCHREPRO_STOP_AT")
+    with torchrepro.deterministic("strict"):
+        resumed, _ = train()
+    assert read_trace(tmp_path / "resumed.jsonl").steps == list(range(1, 17))
+    differing = [
+        k for k, v in whole.state_dict().items() if not torch.equal(v, resumed.state_dict()[k])
+    ]
+    assert differing == []
+
+
+@pytest.mark.slow
+def test_check_resume_at_with_manual_optimization_is_reproducible(tmp_path):
+    command = [sys.executable, str(SCRIPTS / "lightning_gan.py")]
+    proc = check("--runs", "1", "--resume-at", "5", command=command, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "REPRODUCIBLE: 2 runs x 16 steps bitwise identical" in proc.stdout

@@ -18,7 +18,7 @@ pytest.importorskip("accelerate")
 pytest.importorskip("sklearn")
 pytest.importorskip("torchvision")
 
-from _frameworks import EXAMPLES, check, run_json, torchrun
+from _frameworks import EXAMPLES, SCRIPTS, check, run_json, torchrun
 from transformers import TrainingArguments
 
 import torchrepro
@@ -84,21 +84,27 @@ def make_trainer(monkeypatch, tmp_path):
         monkeypatch.delenv(name)
     made: list[Any] = []
 
-    def make(**overrides: Any) -> ReproTrainer:
-        overrides = {"per_device_train_batch_size": 2, **overrides}
+    def make(dataset: Any = None, **overrides: Any) -> ReproTrainer:
+        overrides = {
+            "per_device_train_batch_size": 2,
+            "save_strategy": "no",
+            "logging_strategy": "no",
+            **overrides,
+        }
         args = TrainingArguments(
             output_dir=str(tmp_path / "out"),
             num_train_epochs=1,
             report_to="none",
             use_cpu=True,
             disable_tqdm=True,
-            save_strategy="no",
-            logging_strategy="no",
             **overrides,
         )
         settings = torchrepro.deterministic("strict")  # then ReproTrainer changes nothing more
         made.append(settings)
-        return ReproTrainer(model=_Model(), args=args, train_dataset=_Pairs(), trace=False)
+        torch.manual_seed(0)  # the same initial weights in every trainer of a test
+        return ReproTrainer(
+            model=_Model(), args=args, train_dataset=dataset or _Pairs(), trace=False
+        )
 
     yield make
     for settings in made:
@@ -147,3 +153,86 @@ def test_mid_epoch_resume_with_a_partial_accumulation_group_is_refused(make_trai
     trainer._repro_resume = str(folder)
     with pytest.raises(torchrepro.TorchreproError, match="gradient_accumulation_steps=2 and 3"):
         trainer._repro_load()
+
+
+# -- IterableDataset and output_dir (issue 24) ---------------------------------------------
+
+
+class _Stream(torch.utils.data.IterableDataset[dict[str, torch.Tensor]]):
+    """An endless stream with augmentation from the global RNG; it cannot say where it stands."""
+
+    def __init__(self) -> None:
+        self.i = 0
+
+    def __iter__(self) -> Any:
+        while True:
+            i, self.i = self.i, self.i + 1
+            x = torch.full((2,), float(i % 12)) + 0.1 * torch.randn(2)
+            yield {"x": x, "labels": torch.tensor(i % 2)}
+
+
+class _StatefulStream(_Stream):
+    def state_dict(self) -> dict[str, int]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = state["i"]
+
+
+def _weights(trainer: ReproTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.rng_changes
+def test_a_stateful_iterable_dataset_stops_and_resumes_bitwise(make_trainer, monkeypatch, tmp_path):
+    whole = make_trainer(_StatefulStream(), max_steps=8)
+    whole.train()
+    monkeypatch.setenv("TORCHREPRO_CHECKPOINT", str(tmp_path / "ckpt.pt"))
+    monkeypatch.setenv("TORCHREPRO_STOP_AT", "3")
+    with pytest.raises(SystemExit):
+        make_trainer(_StatefulStream(), max_steps=8).train()
+    monkeypatch.delenv("TORCHREPRO_STOP_AT")
+    resumed = make_trainer(_StatefulStream(), max_steps=8)
+    resumed.train()
+    assert resumed.state.global_step == 8
+    after, before = _weights(resumed), _weights(whole)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+
+@pytest.mark.rng_changes
+def test_an_iterable_dataset_without_state_is_refused_before_training(make_trainer, tmp_path):
+    trainer = make_trainer(_Stream(), max_steps=4, save_strategy="steps", save_steps=2)
+    with pytest.raises(
+        torchrepro.TorchreproError, match=r"IterableDataset \(_Stream\).*save_strategy='steps'"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert not list(tmp_path.rglob("checkpoint-*"))
+
+
+@pytest.mark.rng_changes
+def test_an_iterable_dataset_without_state_trains_when_nothing_is_saved(make_trainer):
+    trainer = make_trainer(_Stream(), max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+@pytest.mark.rng_changes
+def test_under_check_each_run_writes_its_own_output_dir(make_trainer, monkeypatch, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("TORCHREPRO_TRACE", str(run / "trace.jsonl"))
+    trainer = make_trainer(max_steps=4, save_strategy="steps", save_steps=2)
+    trainer.train()
+    assert not (tmp_path / "out").exists()  # the script's own output_dir
+    own = run / "trace.jsonl.transformers-output"
+    assert sorted(p.name for p in own.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.slow
+def test_check_of_a_script_that_resumes_from_its_fixed_output_dir(tmp_path):
+    command = [sys.executable, str(SCRIPTS / "hf_fixed_output.py")]
+    proc = check("--resume-at", "6", command=command, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "REPRODUCIBLE: 3 runs x 16 steps bitwise identical" in proc.stdout
+    assert not (tmp_path / "out").exists()

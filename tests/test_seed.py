@@ -145,6 +145,18 @@ def test_warns_once_when_hash_seed_is_random(monkeypatch):
         seed_everything(1)  # only once
 
 
+def test_hash_seed_warning_is_rank_zeros_alone(monkeypatch):
+    monkeypatch.setattr(torchrepro.core._seed, "_hash_seed_warned", False)
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(
+        torchrepro.core._seed.sys, "flags", type("F", (), {"hash_randomization": 1})()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seed_everything(1)  # rank 0 of the same launch says it for the job
+
+
 def test_no_warning_when_hash_seed_fixed(monkeypatch):
     monkeypatch.setattr(torchrepro.core._seed, "_hash_seed_warned", False)
     monkeypatch.setenv("PYTHONHASHSEED", "0")

@@ -119,7 +119,10 @@ def _warn_if_hash_seed_random() -> None:
     if _hash_seed_warned:
         return
     fixed = sys.flags.hash_randomization == 0 or os.environ.get("PYTHONHASHSEED", "").isdigit()
-    if fixed:
+    # A launcher's other ranks (torchrun, accelerate launch, Lightning's DDP) share rank 0's
+    # environment: rank 0 says it once for the job, not once per process.
+    other_rank = os.environ.get("RANK", "0") not in ("", "0")
+    if fixed or other_rank:
         return
     _hash_seed_warned = True
     warnings.warn(

@@ -179,12 +179,24 @@ def _driving_epoch() -> int | None:
     return stack[-1] if stack else None
 
 
+def _framework_hint(caller: str) -> str:
+    """What to use instead, for a framework known to rebuild loaders (said in its words)."""
+    if caller.startswith("accelerate"):
+        return (
+            " (accelerate's Accelerator.prepare rebuilt the loader: use "
+            "torchrepro.integrations.accelerate.ReproAccelerator, whose prepare() keeps the "
+            "torchrepro.DataLoader)"
+        )
+    return ""
+
+
 def _refuse_foreign(what: str) -> None:
     if _driving_epoch() is not None:
         return
+    caller = _caller()
     raise TorchreproError(
-        f"{what} of a torchrepro.DataLoader was iterated by {_caller()}, which rebuilds the "
-        "loader from its attributes: the rebuilt loader would hand the samples to the "
+        f"{what} of a torchrepro.DataLoader was iterated by {caller}, which rebuilds the "
+        f"loader from its attributes{_framework_hint(caller)}: the rebuilt loader would hand the samples to the "
         "dataset without torchrepro's per-sample seeding, so its augmentation would depend "
         "on num_workers and its order could not be resumed. Iterate the torchrepro.DataLoader "
         "itself, or rebuild it as torchrepro.DataLoader(...), which accepts sampler= and "
@@ -240,7 +252,13 @@ class KeySampler(_OwnedByLoader, Sampler[int]):
     def _owner(self) -> Any:
         loader = self._loader()
         if loader is None:
-            raise TorchreproError("the torchrepro.DataLoader this sampler belongs to is gone")
+            caller = _caller()
+            raise TorchreproError(
+                f"the torchrepro.DataLoader this sampler belongs to is gone, and {caller} uses "
+                f"the sampler in a loader rebuilt from its attributes{_framework_hint(caller)}: "
+                "iterate the torchrepro.DataLoader itself, so batches keep its per-sample "
+                "seeding and resumable position"
+            )
         return loader
 
     def __iter__(self) -> Iterator[int]:

@@ -124,6 +124,20 @@ def read_pointer(framework: str) -> tuple[str, int] | None:
     return target, steps
 
 
+def run_output_dir(framework: str) -> Path | None:
+    """A folder of this run's own for a framework's outputs, when torchrepro runs the script.
+
+    Under ``torchrepro check`` every run has its own ``TORCHREPRO_CHECKPOINT`` (else its own
+    ``TORCHREPRO_TRACE``); the folder sits beside it, so runs never read each other's
+    checkpoints. None when neither variable is set (the script's own folder stays in use).
+    """
+    anchor = pointer_path()
+    if anchor is None:
+        trace = _envvars.env_path(_envvars.TRACE)
+        anchor = None if trace is None else Path(trace)
+    return None if anchor is None else anchor.with_name(f"{anchor.name}.{framework}-output")
+
+
 def note_resumed(step: int) -> None:
     """Tell the trace header which optimizer step this process resumed from."""
     _runinfo.note("resumed_from", step)

@@ -20,17 +20,25 @@ What it does, hook by hook:
 - ``state_dict``: every rank's RNG state (gathered, under DDP) and the trace's step count go
   into Lightning's checkpoint, whichever callback or call writes it (``ModelCheckpoint``,
   ``trainer.save_checkpoint``); Lightning itself saves the loader's position.
-- ``load_state_dict`` / ``on_train_start``: each rank's RNG state is restored at the end of
+- ``load_state_dict`` / ``on_train_start``: when ``fit`` resumes (never for the reload of
+  ``validate/test/predict(ckpt_path=...)``, which leaves the RNG and the fit's trace alone),
+  each rank's RNG state is restored at the end of
   Lightning's start-up, before the first batch is fetched or transferred, which is where an
   uninterrupted run stands too (Lightning calls no ``on_train_epoch_start`` when it resumes
   mid-epoch, so that hook is too late).
 - ``on_validation_start`` / ``on_validation_end``: validation runs with the RNG state saved
   and restored around it, so it never consumes training randomness (Lightning skips a
   validation that falls right after the step a checkpoint was saved at when it resumes).
-- ``on_train_batch_end``: after each optimizer step, a :class:`torchrepro.Trace` records the
+- ``on_train_batch_end``: after each training batch in which the optimizers stepped (one
+  step, however many optimizers a manual ``training_step`` steps; ``TORCHREPRO_STOP_AT`` and
+  ``check --resume-at`` count these, not ``global_step``), a :class:`torchrepro.Trace` records the
   loss (a stack of the micro-batch losses with gradient accumulation) and the parameters;
   at ``TORCHREPRO_STOP_AT=K`` it saves with ``trainer.save_checkpoint`` next to
   ``TORCHREPRO_CHECKPOINT``, records the stop there, and ends the process with status 0.
+  When step K is an epoch's last batch, the stop waits for where the default
+  ``ModelCheckpoint`` saves (``on_validation_end`` of the epoch's validation, else
+  ``on_train_epoch_end``), so the resumed run takes Lightning's epoch-end path as a resume
+  from a real epoch-end checkpoint does.
 
 Under DDP (torchrun, gloo or NCCL) ``use_distributed_sampler`` may stay at Lightning's
 default ``True``: when Lightning rebuilds the loader with its ``DistributedSampler``, the
@@ -117,8 +125,15 @@ class ReproCallback(Callback):
         self._resumed_from: str | None = None
         self._pending_rng: dict[str, Any] | None = None
         self._before_validation: dict[str, Any] | None = None
-        self._last_step = 0
+        # One step = one training batch after which the optimizers stepped, counted here only:
+        # the trace, the stop and the resume record count these. Lightning's global_step counts
+        # optimizer steps (several per batch with several optimizers in manual optimization).
+        self._steps = 0
+        self._global_step = 0  # trainer.global_step after the last counted batch
         self._losses: list[torch.Tensor] = []
+        self._stage: str | None = None  # of the trainer call under way (fit, test, ...)
+        # The stop step ended an epoch: stop where its checkpoint is saved.
+        self._stop_pending = False
 
     # -- resuming --------------------------------------------------------------------------
 
@@ -150,8 +165,11 @@ class ReproCallback(Callback):
     # -- hooks -----------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning calls setup before it restores a checkpoint, for every stage.
+        self._stage = stage
         if stage != "fit":
             return
+        self._steps = 0  # a resumed fit's checkpoint sets it next
         set_deterministic(self._mode)
         seed_everything(self.seed, per_rank=True)
         if self._stop_at is not None:
@@ -165,7 +183,7 @@ class ReproCallback(Callback):
                 f"{_envvars.CHECKPOINT} records a stop at step {recorded[1]} ({recorded[0]}), but "
                 "fit() started afresh: pass ckpt_path=repro.resume_path() to trainer.fit"
             )
-        self._last_step = trainer.global_step
+        self._global_step = trainer.global_step
         self._losses = []
         if self._pending_rng is not None:
             # Last of Lightning's start-up: after the restore, before the resumed epoch's
@@ -192,6 +210,8 @@ class ReproCallback(Callback):
         if self._before_validation is not None:
             set_rng_state(self._before_validation)
             self._before_validation = None
+        if self._stop_pending and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._stop(trainer)
 
     def on_train_batch_end(
         self,
@@ -204,34 +224,54 @@ class ReproCallback(Callback):
         loss = _loss_of(outputs)
         if loss is not None:
             self._losses.append(loss)
-        step = trainer.global_step
-        if step == self._last_step:  # accumulating: no optimizer step yet
+        if trainer.global_step == self._global_step:  # accumulating: no optimizer step yet
             return
-        self._last_step = step
+        self._global_step = trainer.global_step
+        self._steps += 1
+        step = self._steps
         losses, self._losses = self._losses, []
         if self.trace is not None:
             recorded = losses[0] if len(losses) == 1 else (torch.stack(losses) if losses else None)
             self.trace.step(loss=recorded, model=pl_module)
         if self._stop_at is not None and step == self._stop_at:
-            target = self._checkpoint_file()
-            trainer.save_checkpoint(target)
-            _common.write_pointer(_FRAMEWORK, step, target)
-            log.info(
-                "torchrepro: saved step %d to %s; stopping (%s)", step, target, _envvars.STOP_AT
-            )
-            _common.leave_process_group()
-            raise SystemExit(0)
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # The epoch's last batch: stop where the default ModelCheckpoint saves (after the
+                # epoch's validation, else at the epoch's end), so the resumed run takes the path
+                # a real epoch-end checkpoint takes, not Lightning's mid-epoch one.
+                self._stop_pending = True
+            else:
+                self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stop_pending:
+            self._stop(trainer)
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        target = self._checkpoint_file()
+        trainer.save_checkpoint(target)
+        _common.write_pointer(_FRAMEWORK, self._steps, target)
+        log.info(
+            "torchrepro: saved the Lightning checkpoint %s after training batch %d (epoch %d, "
+            "global_step %d); stopping (%s)",
+            target,
+            self._steps,
+            trainer.current_epoch,
+            trainer.global_step,
+            _envvars.STOP_AT,
+        )
+        _common.leave_process_group()
+        raise SystemExit(0)
 
     # -- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Every rank's RNG state (a collective under DDP), the optimizer step and the trace's state."""
+        """Every rank's RNG state (a collective under DDP), the step count and the trace's state."""
         _rank, world = _common.world()
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
             "world_size": world,
-            "step": self._last_step,
+            "step": self._steps,
             "rng": _agree(get_rng_state()),
             "trace": None if self.trace is None else self.trace.state_dict(),
         }
@@ -239,9 +279,15 @@ class ReproCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep this rank's RNG state for the resumed epoch's start; continue the trace.
 
+        Only when the checkpoint is loaded to resume ``fit``: ``validate``, ``test`` and
+        ``predict(ckpt_path=...)`` reload weights, not training, so the RNG and the trace of
+        the fit stay as they are (every trained step stays traced and compared).
+
         Raises:
             TorchreproError: the checkpoint was saved with another seed or world size.
         """
+        if self._stage not in (None, "fit"):
+            return
         state = check_versioned(
             state_dict, what="ReproCallback", version=STATE_VERSION, made_by="ReproCallback"
         )
@@ -257,7 +303,8 @@ class ReproCallback(Callback):
                 f"seed {self.seed}: resume with the same seed ({_envvars.SEED} or seed=)"
             )
         self._pending_rng = state["rng"][rank]
+        self._steps = int(state.get("step", 0))
         trace_state = state.get("trace")
         if self.trace is not None and trace_state is not None:
             self.trace.load_state_dict(trace_state)
-        _common.note_resumed(int(state.get("step", 0)))
+        _common.note_resumed(self._steps)

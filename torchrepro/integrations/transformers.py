@@ -38,6 +38,14 @@
   records it at ``TORCHREPRO_CHECKPOINT`` and ends the process with status 0; ``train()``
   with no ``resume_from_checkpoint`` resumes from the checkpoint recorded there.
 
+- **Its own output_dir under check**: when ``TORCHREPRO_CHECKPOINT`` (else ``TORCHREPRO_TRACE``)
+  is set, as ``torchrepro check`` does for each run, ``args.output_dir`` is set to a folder
+  beside it (logged): scripts that resume from the last checkpoint in ``output_dir`` (such as
+  HF's ``run_glue.py``) never find another run's, and your ``output_dir`` is left alone.
+- **IterableDataset**: resumed bitwise when the dataset has ``state_dict()`` and
+  ``load_state_dict()`` and ``dataloader_num_workers=0``; otherwise, when the run saves
+  checkpoints, ``train()`` refuses before the first step.
+
 A mid-epoch resume with ``gradient_accumulation_steps > 1`` needs the epoch's batch count to
 be a multiple of it (the Trainer would skip the optimizer step of a partial last group after
 a resume it did not fast-forward itself); otherwise ``train()`` raises before training.
@@ -55,6 +63,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .._errors import TorchreproError
 from ..checkpoint._io import load_checkpoint, save_checkpoint
+from ..core import _envvars
 from ..core._determinism import deterministic as set_deterministic
 from ..core._rng import get_rng_state, isolated_rng, set_rng_state
 from ..core._seed import seed_everything
@@ -103,6 +112,21 @@ class ReproTrainerCallback(TrainerCallback):  # type: ignore[misc]
             raise SystemExit(0)
 
 
+def _redirect_output_dir(args: Any) -> None:
+    """Under ``torchrepro check``, give this run its own ``output_dir`` (see the module's docs)."""
+    folder = _common.run_output_dir(_FRAMEWORK)
+    if folder is None or args is None or not hasattr(args, "output_dir"):
+        return
+    log.warning(
+        "torchrepro: output_dir=%r -> %s for this run (%s is set): runs under torchrepro "
+        "check never read each other's checkpoints, and your own output_dir is left alone",
+        args.output_dir,
+        folder,
+        _envvars.CHECKPOINT if _common.pointer_path() is not None else _envvars.TRACE,
+    )
+    args.output_dir = str(folder)
+
+
 class ReproTrainerMixin:
     """Put it before a ``transformers.Trainer`` (sub)class: see the module's documentation.
 
@@ -128,6 +152,7 @@ class ReproTrainerMixin:
         self, *args: Any, deterministic: str = "strict", trace: bool | Trace = True, **kwargs: Any
     ) -> None:
         _common.check_options(trace, deterministic)
+        _redirect_output_dir(args[1] if len(args) > 1 else kwargs.get("args"))
         super().__init__(*args, **kwargs)
         if not self.args.ignore_data_skip:
             log.info("torchrepro: ignore_data_skip=True; the loader resumes at its exact position")
@@ -182,7 +207,28 @@ class ReproTrainerMixin:
             if context is not None:
                 kwargs["multiprocessing_context"] = context
         self._repro_loader = DataLoader(dataset, **kwargs)
+        if iterable:
+            self._repro_check_iterable(dataset)
         return self._repro_loader
+
+    def _repro_check_iterable(self, dataset: Any) -> None:
+        """Before training: an IterableDataset whose position a checkpoint cannot hold is refused."""
+        strategy = getattr(self.args.save_strategy, "value", self.args.save_strategy)
+        if strategy == "no" and _common.stop_step() is None:
+            return  # no checkpoint is saved, so none needs the position
+        assert self._repro_loader is not None
+        try:
+            self._repro_loader.state_dict()
+        except TorchreproError as error:
+            raise TorchreproError(
+                f"ReproTrainer: train_dataset is an IterableDataset ({type(dataset).__name__}) "
+                f"whose position a checkpoint cannot record ({error}), and this run saves "
+                f"checkpoints (save_strategy={strategy!r}"
+                + (f", {_envvars.STOP_AT}" if _common.stop_step() is not None else "")
+                + "): a resume from them would not continue at the exact sample. Give the "
+                "dataset state_dict()/load_state_dict() and dataloader_num_workers=0, pass a "
+                "map-style datasets.Dataset / torch Dataset, or set save_strategy='no'"
+            ) from error
 
     def _repro_columns(self, dataset: Any, collator: Any) -> tuple[Any, Any]:
         """The Trainer's removal of the columns the model does not take (its helpers, when present)."""
