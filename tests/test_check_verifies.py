@@ -22,7 +22,7 @@ from test_check import _check  # the same runner as the other check tests
     ],
 )
 def test_a_resume_that_did_not_resume_fails(tmp_path: Path, knob: str, message: str) -> None:
-    proc = _check(["--runs", "1", "--resume-at", "5"], tmp_path, env={knob: "1"})
+    proc = _check(["--resume-at", "5"], tmp_path, env={knob: "1"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "REPRODUCIBLE" not in proc.stdout
     import re
@@ -31,9 +31,7 @@ def test_a_resume_that_did_not_resume_fails(tmp_path: Path, knob: str, message: 
 
 
 def test_a_vary_without_effect_fails(tmp_path: Path) -> None:
-    proc = _check(
-        ["--runs", "1", "--vary", "num_workers=0,2"], tmp_path, env={"TINY_TORCH_LOADER": "1"}
-    )
+    proc = _check(["--vary", "num_workers=0,2"], tmp_path, env={"TINY_TORCH_LOADER": "1"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert (
         "--vary num_workers=2 had no effect: no torchrepro.DataLoader read "
@@ -47,7 +45,9 @@ def test_a_vary_without_effect_fails(tmp_path: Path) -> None:
         (
             {},
             0,
-            "REPRODUCIBLE: 1 run x 16 steps bitwise identical; seed=2 differs, as another seed must",
+            "REPRODUCIBLE: 2 runs x 16 steps bitwise identical (every step's loss and batch; "
+            "the model's state at 2 of them and after the last); seed=2 differs, as another "
+            "seed must",
         ),
         ({"TINY_FIXED_SEED": "1"}, 1, "the seed has no effect"),
     ],
@@ -55,7 +55,7 @@ def test_a_vary_without_effect_fails(tmp_path: Path) -> None:
 def test_another_seed_must_differ(
     tmp_path: Path, env: dict[str, str], code: int, verdict: str
 ) -> None:
-    proc = _check(["--runs", "1", "--vary", "seed=1,2"], tmp_path, env=env)
+    proc = _check(["--vary", "seed=1,2"], tmp_path, env=env)
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert verdict in proc.stdout
 
@@ -81,7 +81,9 @@ def test_resume_at_past_run_1_is_refused_before_more_runs(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--runs", "1"], "--runs 1 alone compares nothing"),
+        (["--runs", "1"], "--runs: must be an integer in [2, 100], got '1'"),
+        (["--runs", "1", "--vary", "seed=1,2"], "only two runs of one identical configuration"),
+        (["--runs", "1", "--resume-at", "3"], "use --runs 2 (the default)"),
         (["--vary", "TORCHREPRO_STOP_AT=3,4"], "TORCHREPRO_STOP_AT is set by --resume-at K"),
         (["--vary", "TORCHREPRO_TRACE=a,b"], "TORCHREPRO_TRACE is set by the checker"),
     ],

@@ -48,6 +48,7 @@ def test_rule_names_are_unique_and_the_last_always_applies():
     names = [r.name for r in RULES]
     assert len(names) == len(set(names))
     assert RULES[-1].when(facts())
+    assert RULES[-1].when(facts(run("run 2", "repeat", True)))
 
 
 def test_an_error_decides_before_anything_else():
@@ -76,6 +77,26 @@ def test_a_variation_or_resume_that_differs_is_named_at_the_earliest_step():
     )
     assert (claim.rule, claim.exit_code) == ("a run differs", 1)
     assert claim.text == 'DIVERGED at step 6 (run "resume at 5" vs "run 1")'
+
+
+@pytest.mark.parametrize(
+    "others",
+    [
+        (),
+        (("num_workers=2", "variation"),),
+        (("seed=1", "seed"),),
+        (("resume at 5", "resume"), ("num_workers=2", "variation")),
+    ],
+)
+def test_without_a_repeat_of_one_configuration_nothing_is_reproducible(others):
+    # Every run that ran agreed as it must, yet none repeated run 1's configuration.
+    compared = [run(name, relation, relation != "seed") for name, relation in others]
+    claim = decide(facts(*compared))
+    assert (claim.rule, claim.exit_code) == ("nothing repeated", 2)
+    assert "REPRODUCIBLE" not in claim.text
+    assert "--runs 2" in claim.text
+    # One repeat that agrees makes the same facts a pass.
+    assert decide(facts(run("run 2", "repeat", True), *compared)).reproducible
 
 
 def test_another_seed_that_changes_nothing_is_refused():
@@ -131,6 +152,8 @@ def test_every_combination_follows_the_documented_order(outcomes, error):
         expected = ("a run differs", 1)
     elif "seed" in same:
         expected = ("seed has no effect", 1)
+    elif "repeat" not in same:
+        expected = ("nothing repeated", 2)
     else:
         expected = ("reproducible", 0)
     assert (claim.rule, claim.exit_code) == expected

@@ -13,10 +13,11 @@ from ..core import _envvars
 from ..core._determinism import CUBLAS_VAR, CUBLAS_WORKSPACE_CONFIG
 from ..core._seed import derive_seed
 
-__all__ = ["MAX_RUNS", "RunSpec", "plan_runs", "run_environment"]
+__all__ = ["MAX_RUNS", "MIN_RUNS", "RunSpec", "plan_runs", "run_environment"]
 
-# The most runs --runs asks for (each is a full training run; more is a typo).
-MAX_RUNS = 100
+# The fewest and most runs --runs asks for: REPRODUCIBLE needs two runs of one identical
+# configuration compared; each is a full training run, so more than 100 is a typo.
+MIN_RUNS, MAX_RUNS = 2, 100
 
 # --vary names with a meaning of their own; any other NAME sets the environment variable NAME.
 VARY_ALIASES = {"num_workers": _envvars.NUM_WORKERS, "seed": _envvars.SEED}
@@ -88,19 +89,18 @@ def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None)
     A run that changes the seed (``--vary seed=...``) must differ from run 1.
 
     Raises:
-        ValueError: ``runs`` < 1, a malformed ``--vary`` or one of a variable the checker
-            sets, ``resume_at`` < 1, or a plan that compares nothing (``runs=1`` alone).
+        ValueError: ``runs`` < 2 (no two runs of one configuration to compare), a malformed
+            ``--vary`` or one of a variable the checker sets, ``resume_at`` < 1.
     """
-    if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_RUNS:
-        raise ValueError(f"--runs must be an integer in [1, {MAX_RUNS}], got {runs!r}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or not MIN_RUNS <= runs <= MAX_RUNS:
+        raise ValueError(
+            f"--runs must be an integer in [{MIN_RUNS}, {MAX_RUNS}], got {runs!r}: only two runs "
+            "of one identical configuration can show that it reproduces (--vary and --resume-at "
+            "runs change something); use --runs 2 (the default)"
+        )
     if resume_at is not None and (isinstance(resume_at, bool) or resume_at < 1):
         raise ValueError(f"--resume-at must be a step >= 1, got {resume_at!r}")
     parsed = _parse_vary(vary)
-    if runs == 1 and resume_at is None and not any(len(v) > 1 for _, _, v in parsed):
-        raise ValueError(
-            "--runs 1 alone compares nothing: a check needs a second run to compare with. "
-            "Use --runs 2 (the default), or add --vary NAME=A,B or --resume-at K"
-        )
     base = {var: values[0] for _name, var, values in parsed}
     specs = [RunSpec(f"run {i + 1}", dict(base)) for i in range(runs)]
     for name, var, values in parsed:

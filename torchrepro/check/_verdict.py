@@ -161,6 +161,18 @@ def coverage(facts: Facts) -> str:
     )
 
 
+def _no_repeat(facts: Facts) -> bool:
+    return not any(c.relation == "repeat" for c in facts.compared)
+
+
+def _say_no_repeat(facts: Facts) -> str:
+    return (
+        f'ERROR: no run repeated run "{facts.reference}"\'s configuration, so nothing shows '
+        "that it reproduces (a --vary or --resume-at run changes something); use --runs 2 "
+        "(the default) or more"
+    )
+
+
 def _say_reproducible(facts: Facts) -> str:
     same = [c for c in facts.compared if not c.must_differ]
     count = len(same) + 1
@@ -184,6 +196,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("a run differs", lambda f: bool(_diverged(f)), _say_diverged, EXIT_DIFFERENT),
     Rule("seed has no effect", lambda f: bool(_seed_without_effect(f)), _say_seed, EXIT_DIFFERENT),
+    # REPRODUCIBLE needs two runs of one identical configuration that agree.
+    Rule("nothing repeated", _no_repeat, _say_no_repeat, EXIT_ERROR),
     Rule("reproducible", lambda f: True, _say_reproducible, EXIT_OK),
 )
 
