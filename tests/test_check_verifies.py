@@ -5,6 +5,9 @@ Each case passed, or was reported backwards, before runs recorded their own fact
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,6 +88,8 @@ def test_resume_at_past_run_1_is_refused_before_more_runs(tmp_path: Path) -> Non
         (["--runs", "1", "--vary", "seed=1,2"], "only two runs of one identical configuration"),
         (["--runs", "1", "--resume-at", "3"], "use --runs 2 (the default)"),
         (["--vary", "TORCHREPRO_STOP_AT=3,4"], "TORCHREPRO_STOP_AT is set by --resume-at K"),
+        (["--vary", "seed=1,01"], "gives one value twice ('1' and '01' are both seed=1)"),
+        (["--vary", "num_workers=2,0,2"], "gives one value twice ('2' and '2'"),
         (["--vary", "TORCHREPRO_TRACE=a,b"], "TORCHREPRO_TRACE is set by the checker"),
     ],
 )
@@ -95,3 +100,66 @@ def test_checks_that_prove_nothing_are_refused(
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "tiny.pt").exists()
+
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def _check_script(
+    script: str, args: list[str], tmp_path: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("TORCHREPRO_SEED", None)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torchrepro",
+            "check",
+            *args,
+            "--",
+            sys.executable,
+            str(SCRIPTS / script),
+        ],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_a_numpy_batch_is_compared_by_content(tmp_path: Path) -> None:
+    # The ids differ, the losses and the model do not: only the batch can tell.
+    proc = _check_script("numpy_batch.py", ["--vary", "NUMPY_BATCH_SHIFT=0,1"], tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith('DIVERGED at step 1 (run "NUMPY_BATCH_SHIFT=1" vs "run 1")')
+    assert "batch differs" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("", None),
+        (
+            "ckpt_first",
+            "restored the Trace at step 4 while the Checkpointer had counted 5 steps: the two "
+            "count different steps (ckpt.step() ran before trace.step() in step 5",
+        ),
+        (
+            "micro",
+            "restored the Trace at step 10 while the Checkpointer had counted 5 steps: the two "
+            "count different steps (trace.step() runs more often than ckpt.step()",
+        ),
+    ],
+)
+def test_resume_advice_says_what_is_wrong(tmp_path: Path, mode: str, message: str | None) -> None:
+    proc = _check_script(
+        "resume_counts.py", ["--resume-at", "5"], tmp_path, {"RESUME_COUNTS": mode}
+    )
+    if message is None:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stdout
+    assert "pass the Trace to the Checkpointer" not in proc.stdout  # it already does

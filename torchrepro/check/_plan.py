@@ -74,8 +74,28 @@ def _parse_vary(vary: Sequence[str]) -> list[tuple[str, str, list[str]]]:
                 f"--vary {name}=...: {var} is set by {RESERVED[var]}, not by --vary; "
                 "remove it (use --resume-at K to stop and resume a run)"
             )
+        seen: dict[str, str] = {}
+        for value in choices:
+            key = _normalised(var, value)
+            if key in seen:
+                raise ValueError(
+                    f"--vary {item!r} gives one value twice ({seen[key]!r} and {value!r} are "
+                    f"both {name}={key}): a run of the same value compares nothing new; give "
+                    "distinct values"
+                )
+            seen[key] = value
         parsed.append((name, var, choices))
     return parsed
+
+
+def _normalised(var: str, value: str) -> str:
+    """The value a run would see: integers for the seed and num_workers (``01`` is 1)."""
+    if var in (_envvars.SEED, _envvars.NUM_WORKERS):
+        try:
+            return str(int(value, 10))
+        except ValueError:
+            return value  # the run itself refuses it, naming the variable
+    return value
 
 
 def plan_runs(runs: int, vary: Sequence[str] = (), resume_at: int | None = None) -> list[RunSpec]:

@@ -289,7 +289,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         position = self._repro_position
         gen, epoch, start, start_item = position.start_pass()
         check_epoch(epoch, "the loader's epoch")  # past 2**64 - 1 after the last one ran
-        _runinfo.note_loader(self, num_workers=self.num_workers)
+        _runinfo.note_loader(self, num_workers=self.num_workers, iterable=self._repro_iterable)
         per_epoch: int | None
         count_items = None
         if self._repro_iterable:
