@@ -71,12 +71,58 @@ def test_a_variation_or_resume_that_differs_is_named_at_the_earliest_step():
     claim = decide(
         facts(
             run("run 2", "repeat", True),
-            run("num_workers=2", "variation", False, 8),
-            run("resume at 5", "resume", False, 6),
+            run("num_workers=2", "variation", False, 6),
+            run("resume at 5", "resume", False, 8),
         )
     )
     assert (claim.rule, claim.exit_code) == ("a run differs", 1)
-    assert claim.text == 'DIVERGED at step 6 (run "resume at 5" vs "run 1")'
+    assert claim.text == 'DIVERGED at step 6 (run "num_workers=2" vs "run 1")'
+
+
+def resumed(identical: bool, first: int = 6, causes: tuple[str, ...] = ()) -> Compared:
+    return Compared(
+        "resume at 5",
+        "resume",
+        comparison("resume at 5", identical=identical, first=first),
+        5,
+        causes,
+    )
+
+
+def test_a_resume_that_parts_from_agreeing_repeats_is_a_resume_fault():
+    claim = decide(facts(run("run 2", "repeat", True), resumed(False, 8)))
+    assert (claim.rule, claim.exit_code) == ("resume fault", 1)
+    assert claim.text.startswith(
+        "RESUME FAULT: the resumed run differs from the uninterrupted one from step 8 "
+        '(run "resume at 5" vs "run 1")'
+    )
+    assert "checkpoint at step 5 did not restore" in claim.text
+    assert "nondetermin" not in claim.text
+
+
+def test_a_resume_fault_names_what_the_checkpointer_noted():
+    cause = "LambdaLR (its optimizer is saved as 'optimizer') is not saved"
+    claim = decide(facts(run("run 2", "repeat", True), resumed(False, causes=(cause,))))
+    assert claim.rule == "resume fault"
+    assert claim.text.endswith("; " + cause)
+
+
+@pytest.mark.parametrize(
+    "others",
+    [
+        # the repeat differs too: nothing can be blamed on the resume
+        (run("run 2", "repeat", False, 9),),
+        # a variation parted first: that divergence is named
+        (run("run 2", "repeat", True), run("num_workers=2", "variation", False, 3)),
+        # no repeat of run 1 to show the command is deterministic
+        (run("num_workers=2", "variation", True),),
+    ],
+)
+def test_a_resume_divergence_is_not_a_resume_fault_without_agreeing_repeats(others):
+    claim = decide(facts(*others, resumed(False, 6)))
+    assert claim.rule != "resume fault"
+    assert claim.exit_code != 0
+    assert "RESUME FAULT" not in claim.text
 
 
 @pytest.mark.parametrize(
@@ -149,7 +195,9 @@ def test_every_combination_follows_the_documented_order(outcomes, error):
     elif "repeat" in differ:
         expected = ("identical settings differ", 1)
     elif differ - {"seed"}:
-        expected = ("a run differs", 1)
+        # the earliest is the resume's only when the variation agreed or did not run
+        earliest_resume = "variation" not in differ and "repeat" in same
+        expected = ("resume fault", 1) if earliest_resume else ("a run differs", 1)
     elif "seed" in same:
         expected = ("seed has no effect", 1)
     elif "repeat" not in same:
@@ -158,7 +206,7 @@ def test_every_combination_follows_the_documented_order(outcomes, error):
         expected = ("reproducible", 0)
     assert (claim.rule, claim.exit_code) == expected
     assert claim.reproducible == (expected[1] == 0)
-    if expected[0] == "a run differs":
+    if expected[0] in ("a run differs", "resume fault"):
         # The earliest of the runs that must agree and do not.
         firsts = {
             c.name: c.comparison.first_step

@@ -36,6 +36,18 @@ def relation(spec: RunSpec, reference: RunSpec) -> str:
     return "repeat" if spec.env == reference.env else "variation"
 
 
+def _checkpoint_causes(trace: TraceData | None) -> tuple[str, ...]:
+    """What the Checkpointer noted its checkpoints lack, from the trace's headers."""
+    if trace is None:
+        return ()
+    found: list[str] = []
+    for header in trace.headers:
+        for note in header.get("facts", {}).get("checkpoint_notes") or []:
+            if isinstance(note, str) and note not in found:
+                found.append(note)
+    return tuple(found)
+
+
 @dataclass
 class CheckReport:
     """The outcome of :func:`torchrepro.check._runner.run_check`.
@@ -56,6 +68,8 @@ class CheckReport:
     localization_note: str = ""
     # How the exact first divergent step was found, when the traces only bounded it.
     pinpoint_note: str = ""
+    # By resume run: what its first save after the stop holds otherwise than run 1's.
+    restore: dict[str, str] = field(default_factory=dict)
 
     def _pairs(self) -> list[tuple[RunResult, Comparison]]:
         return list(zip(self.runs[1:], self.comparisons, strict=False))
@@ -74,7 +88,16 @@ class CheckReport:
             steps=self.steps,
             recorded=frozenset(str(e.get("kind")) for e in first),
             compared=tuple(
-                Compared(r.spec.name, relation(r.spec, self.runs[0].spec), c)
+                Compared(
+                    r.spec.name,
+                    relation(r.spec, self.runs[0].spec),
+                    c,
+                    r.spec.resume_at,
+                    _checkpoint_causes(r.trace)
+                    + ((self.restore[r.spec.name],) if r.spec.name in self.restore else ())
+                    if r.spec.resume_at is not None
+                    else (),
+                )
                 for r, c in self._pairs()
             ),
         )
@@ -146,6 +169,7 @@ class CheckReport:
             "localization": None if self.localization is None else self.localization.to_dict(),
             "localization_note": self.localization_note,
             "pinpoint_note": self.pinpoint_note,
+            "restore": dict(self.restore),
             "seed_without_effect": self.seed_without_effect,
             "notes": list(self.notes),
         }

@@ -23,6 +23,7 @@ from ._execute import Progress, execute, keep_root, loader_effect
 from ._explain import explain
 from ._pinpoint import localize_divergence, pinpoint_divergence
 from ._plan import plan_runs, run_environment
+from ._restore import restore_differences
 from ._results import CheckReport, RunResult
 
 __all__ = ["run_check"]
@@ -105,7 +106,10 @@ def run_check(
         for index, spec in enumerate(specs):
             if progress is not None:
                 progress(f"run {index + 1}/{len(specs)}: {spec.name}")
-            env = {**base_env, _envvars.KEEP_CHECKPOINTS: "1"} if index == 0 else base_env
+            # The reference keeps its checkpoints for re-runs; a resume run keeps its own,
+            # so a resume fault can be shown in the state saved after the stop.
+            keeps = index == 0 or spec.resume_at is not None
+            env = {**base_env, _envvars.KEEP_CHECKPOINTS: "1"} if keeps else base_env
             result = execute(
                 command, spec, root / f"run{index + 1}", env, progress, timeout=timeout
             )
@@ -149,6 +153,13 @@ def run_check(
         report = CheckReport(results, comparisons, notes=notes)
         reference = results[0]
         assert reference.trace is not None
+        for result, comparison in zip(results[1:], comparisons, strict=True):
+            if result.spec.resume_at is not None and not comparison.identical:
+                found = restore_differences(
+                    reference.directory, result.directory, result.spec.resume_at
+                )
+                if found is not None:
+                    report.restore[result.spec.name] = found
         captured = None
         if localize is not False and report.unexpected:
             captured = pinpoint_divergence(

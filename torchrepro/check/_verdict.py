@@ -43,6 +43,10 @@ class Compared:
     name: str
     relation: str
     comparison: Comparison
+    # A resume run: the step it stopped at, and what its checkpoint is known not to hold
+    # (the Checkpointer's notes, e.g. an LR scheduler that was not saved).
+    resume_at: int | None = None
+    causes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.relation not in RELATIONS:
@@ -125,6 +129,33 @@ def first_divergence(facts: Facts) -> Compared | None:
     return min(diverged, key=lambda c: c.comparison.first_step or 0)
 
 
+def _resume_fault(facts: Facts) -> bool:
+    """The earliest divergence is a resume's, and a repeat of run 1 agreed."""
+    first = first_divergence(facts)
+    repeated = any(c.relation == "repeat" and c.comparison.identical for c in facts.compared)
+    return first is not None and first.relation == "resume" and repeated
+
+
+def _say_resume_fault(facts: Facts) -> str:
+    first = first_divergence(facts)
+    assert first is not None
+    c = first.comparison
+    step = (
+        f"step {c.first_step}"
+        if c.exact or c.earliest_step is None
+        else f"a step in {c.earliest_step}-{c.first_step}"
+    )
+    stop = "" if first.resume_at is None else f" at step {first.resume_at}"
+    text = (
+        f"RESUME FAULT: the resumed run differs from the uninterrupted one from {step} (run "
+        f'"{first.name}" vs "{facts.reference}"), while runs with identical settings agree: '
+        f"the checkpoint{stop} did not restore everything training depends on"
+    )
+    if first.causes:
+        text += "; " + "; ".join(first.causes)
+    return text
+
+
 def _say_repeat_differs(facts: Facts) -> str:
     return f"{_repeats_diverged(facts)[0].comparison.verdict} with identical settings"
 
@@ -194,6 +225,8 @@ RULES: tuple[Rule, ...] = (
         _say_repeat_differs,
         EXIT_DIFFERENT,
     ),
+    # A resume that parts from runs that agree is a resume fault, not nondeterminism.
+    Rule("resume fault", _resume_fault, _say_resume_fault, EXIT_DIFFERENT),
     Rule("a run differs", lambda f: bool(_diverged(f)), _say_diverged, EXIT_DIFFERENT),
     Rule("seed has no effect", lambda f: bool(_seed_without_effect(f)), _say_seed, EXIT_DIFFERENT),
     # REPRODUCIBLE needs two runs of one identical configuration that agree.

@@ -16,6 +16,7 @@ from typing import Any
 
 from .._errors import CheckpointError
 from ..core import _dist, _envvars, _runinfo
+from ._audit import SaveAudit
 from ._io import (
     _attempt,
     _check_bool,
@@ -95,6 +96,7 @@ class Checkpointer:
                 f"{_envvars.CHECKPOINT}, so the run can save before it stops"
             )
         self._resumed_at: int | None = None
+        self._audit = SaveAudit(self.objects)
 
     def resume(self, *, strict: bool = True) -> dict[str, Any] | None:
         """Load ``path`` if it exists and return its ``extra``; None when there is none.
@@ -125,6 +127,9 @@ class Checkpointer:
         extra, meta = load_with_meta(path, self.objects, strict)
         self.steps = int(meta.get("steps", 0))
         _runinfo.note("resumed_from", self.steps)  # for the trace header
+        notes = meta.get("notes")
+        if isinstance(notes, list) and notes:  # what the checkpoint was saved without
+            _runinfo.note("checkpoint_notes", [str(n) for n in notes])
         self._resumed_at = self.steps
         if _dist.group_rank() == 0:  # once per run, not once per rank
             log.warning("torchrepro: resumed from %s at step %d", path, self.steps)
@@ -141,7 +146,16 @@ class Checkpointer:
             raise CheckpointError(
                 f"this Checkpointer has no path (pass one, or set {_envvars.CHECKPOINT})"
             )
-        save_with_meta(self.path, self.objects, extra, meta={"steps": self.steps})
+        notes = self._audit.findings(self.steps)
+        for note in notes:
+            key = note.split(" at step ")[0]  # once per kind of finding, not per save
+            if key not in self._audit.reported and _dist.group_rank() == 0:
+                log.warning("torchrepro: checkpoint %s: %s", self.path, note)
+            self._audit.reported.add(key)
+        meta: dict[str, Any] = {"steps": self.steps}
+        if notes:
+            meta["notes"] = notes
+        save_with_meta(self.path, self.objects, extra, meta=meta)
         if _envvars.env_int(_envvars.KEEP_CHECKPOINTS, low=0, high=1) and _dist.group_rank() == 0:
             keep(self.path, self.steps)
 

@@ -489,6 +489,7 @@ class Trace:
             "torch_threads": torch.get_num_threads(),
             "resumed_from": noted.get("resumed_from"),
             "trace_restored": noted.get("trace_restored"),
+            "checkpoint_notes": noted.get("checkpoint_notes"),
         }
         env = fingerprint()
         return {
