@@ -348,6 +348,8 @@ class Trace:
         self._state_every = state_every if state_override is None else state_override
         self._step = 0
         self._file: str | None = _UNRESOLVED if base is not None else None
+        if base is not None:
+            _runinfo.note_tracing()  # from now on, batches other threads fetch are kept
         self._fresh = True  # overwrite the file at the first write
         self._fd: int | None = None
         self._size = 0  # bytes in the file after the last complete write
