@@ -49,8 +49,8 @@ def test_a_vary_without_effect_fails(tmp_path: Path) -> None:
             {},
             0,
             "REPRODUCIBLE: 2 runs x 16 steps bitwise identical (every step's loss and batch; "
-            "the model's state at 2 of them and after the last); seed=2 differs, as another "
-            "seed must",
+            "the model's state at 2 of them and after the last; at exit: the state of loader, "
+            "model, optimizer, trace, RNG); seed=2 differs, as another seed must",
         ),
         ({"TINY_FIXED_SEED": "1"}, 1, "the seed has no effect"),
     ],

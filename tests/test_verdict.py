@@ -36,8 +36,13 @@ def comparison(name: str, *, identical: bool, first: int | None = None) -> Compa
     )
 
 
-def facts(*compared: Compared, error: str | None = None) -> Facts:
-    return Facts(error, "run 1", STEPS, frozenset({"loss", "batch"}), tuple(compared))
+def facts(
+    *compared: Compared,
+    error: str | None = None,
+    recorded: frozenset[str] = frozenset({"loss", "batch", "param"}),
+    exit_compared: tuple[str, ...] = (),
+) -> Facts:
+    return Facts(error, "run 1", STEPS, recorded, tuple(compared), exit_compared)
 
 
 def run(name: str, relation: str, identical: bool, first: int = 5) -> Compared:
@@ -215,3 +220,64 @@ def test_every_combination_follows_the_documented_order(outcomes, error):
         }
         name = min(firsts, key=lambda n: firsts[n] or 0)
         assert f'(run "{name}" vs "run 1")' in claim.text
+
+
+def test_a_trace_without_the_model_says_so_and_how_to_compare_more():
+    claim = decide(facts(run("run 2", "repeat", True), recorded=frozenset({"loss"})))
+    assert claim.text == (
+        "REPRODUCIBLE: 2 runs x 20 steps bitwise identical (every step's loss; the traces "
+        "hold no model state; nothing at exit: give the objects to a torchrepro.Checkpointer, "
+        "or pass model= to trace.step(), to compare more)"
+    )
+
+
+def test_the_claim_lists_what_was_compared_at_exit():
+    what = ("the state of model, optimizer, RNG", "the files ema.pt")
+    claim = decide(facts(run("run 2", "repeat", True), exit_compared=what))
+    assert claim.text == (
+        "REPRODUCIBLE: 2 runs x 20 steps bitwise identical (at exit: the state of model, "
+        "optimizer, RNG and the files ema.pt)"
+    )
+
+
+def at_exit(name: str, relation: str, differs: tuple[str, ...], resume_at=None) -> Compared:
+    return Compared(name, relation, comparison(name, identical=True), resume_at, (), differs)
+
+
+@pytest.mark.parametrize(
+    ("relation", "rule"),
+    [("repeat", "identical settings differ"), ("variation", "a run differs")],
+)
+def test_a_difference_only_at_exit_is_a_divergence(relation, rule):
+    differs = ("tensor ema.pt ['module.weight']",)
+    others = () if relation == "repeat" else (run("run 2", "repeat", True),)
+    claim = decide(facts(*others, at_exit("other", relation, differs)))
+    assert (claim.rule, claim.exit_code) == (rule, 1)
+    assert claim.text.startswith('DIVERGED at exit (run "other" vs "run 1"): tensor ema.pt')
+    # the same runs with nothing different at exit pass
+    assert decide(facts(run("run 2", "repeat", True), at_exit("x", relation, ()))).reproducible
+
+
+def test_a_step_divergence_is_named_before_one_at_exit():
+    claim = decide(
+        facts(
+            run("run 2", "repeat", True),
+            at_exit("num_workers=2", "variation", ("optimizer['state'][0]['momentum_buffer']",)),
+            run("TINY=1", "variation", False, 15),
+        )
+    )
+    assert claim.text.startswith('DIVERGED at step 15 (run "TINY=1" vs "run 1")')
+
+
+def test_a_resume_that_differs_only_at_exit_is_a_resume_fault():
+    differs = ("tensor ema.pt ['n_averaged']",)
+    claim = decide(
+        facts(run("run 2", "repeat", True), at_exit("resume at 5", "resume", differs, 5))
+    )
+    assert claim.rule == "resume fault"
+    assert "from its exit, every traced step agreeing (tensor ema.pt ['n_averaged'])" in claim.text
+
+
+def test_another_seed_that_differs_only_at_exit_has_an_effect():
+    claim = decide(facts(run("run 2", "repeat", True), at_exit("seed=1", "seed", ("x",))))
+    assert claim.rule == "reproducible"

@@ -17,6 +17,7 @@ from .._errors import CheckpointError, TraceError
 from ..checkpoint._io import read_checkpoint
 from ..core import _envvars
 from ..trace._compare import TraceData, read_trace
+from ._leftovers import EXIT_STATE
 from ._plan import RunSpec
 from ._process import run_in_group, tail
 from ._results import RunResult
@@ -135,6 +136,7 @@ def execute(
         **spec.env,
         _envvars.TRACE: str(trace_path),
         _envvars.CHECKPOINT: str(ckpt_path),
+        _envvars.EXIT_STATE: str(directory / EXIT_STATE),
     }
     env.pop(_envvars.STOP_AT, None)
 

@@ -25,6 +25,8 @@ class RunResult:
     stderr_tail: str
     directory: Path
     error: str | None = None
+    # The tensor files it wrote in the working directory, as leaf fingerprints.
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def relation(spec: RunSpec, reference: RunSpec) -> str:
@@ -70,6 +72,9 @@ class CheckReport:
     pinpoint_note: str = ""
     # By resume run: what its first save after the stop holds otherwise than run 1's.
     restore: dict[str, str] = field(default_factory=dict)
+    # What was compared at exit (object names, "RNG", file names) and, by run, what differed.
+    exit_compared: tuple[str, ...] = ()
+    exit_differs: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def _pairs(self) -> list[tuple[RunResult, Comparison]]:
         return list(zip(self.runs[1:], self.comparisons, strict=False))
@@ -97,9 +102,11 @@ class CheckReport:
                     + ((self.restore[r.spec.name],) if r.spec.name in self.restore else ())
                     if r.spec.resume_at is not None
                     else (),
+                    self.exit_differs.get(r.spec.name, ()),
                 )
                 for r, c in self._pairs()
             ),
+            exit_compared=self.exit_compared,
         )
 
     def claim(self) -> Claim:
@@ -108,7 +115,8 @@ class CheckReport:
 
     @property
     def unexpected(self) -> list[Comparison]:
-        """Comparisons that diverged although they must not (every run but a seed change)."""
+        """Comparisons whose traces diverged although they must not (every run but a seed
+        change); a difference only at exit has no step to re-run."""
         return [c for r, c in self._pairs() if not c.identical and not r.spec.must_differ]
 
     @property
@@ -170,6 +178,8 @@ class CheckReport:
             "localization_note": self.localization_note,
             "pinpoint_note": self.pinpoint_note,
             "restore": dict(self.restore),
+            "exit_compared": list(self.exit_compared),
+            "exit_differs": {k: list(v) for k, v in self.exit_differs.items()},
             "seed_without_effect": self.seed_without_effect,
             "notes": list(self.notes),
         }

@@ -14,8 +14,11 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._errors import CheckpointError
 from ..core import _dist, _envvars, _runinfo
+from ..core._rng import get_rng_state
 from ._audit import SaveAudit
 from ._io import (
     _attempt,
@@ -97,6 +100,11 @@ class Checkpointer:
             )
         self._resumed_at: int | None = None
         self._audit = SaveAudit(self.objects)
+        exit_state = _envvars.env_path(_envvars.EXIT_STATE)
+        if exit_state is not None and _dist.world_size() == 1:
+            # A strong reference: a script's objects usually die with its main() before
+            # exit, and the state they ended with is what is compared (only under check).
+            atexit.register(_write_exit_state, self, Path(exit_state))
 
     def resume(self, *, strict: bool = True) -> dict[str, Any] | None:
         """Load ``path`` if it exists and return its ``extra``; None when there is none.
@@ -170,6 +178,19 @@ class Checkpointer:
             self.save(extra)
         if stopping:
             raise SystemExit(0)
+
+
+def _write_exit_state(ckpt: Checkpointer, path: Path) -> None:
+    """At exit, under ``TORCHREPRO_EXIT_STATE``: the state the objects and RNGs end with.
+
+    ``torchrepro check`` compares these files across runs: what a run exits with counts,
+    whether or not a trace saw it (a final untraced update, a best-weights restore).
+    """
+    try:
+        state = {name: obj.state_dict() for name, obj in ckpt.objects.items()}
+        torch.save({"objects": state, "rng": get_rng_state()}, path)
+    except Exception as exc:  # logged: at exit nobody is left to catch it
+        log.warning("torchrepro: could not write the exit state %s: %s", path, exc)
 
 
 def _report_no_progress(ref: weakref.ReferenceType[Checkpointer]) -> None:
