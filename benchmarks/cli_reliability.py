@@ -194,7 +194,7 @@ def keep_existing(tmp: Path) -> str:
     keep = tmp / "keep"
     (keep / "run1").mkdir(parents=True)
     (keep / "run1" / "notes.txt").write_text("mine")
-    status, _ = _finish(_start(["check", "--runs", "1", "--keep", str(keep), "--", "true"]))
+    status, _ = _finish(_start(["check", "--keep", str(keep), "--", "true"]))
     kept = (keep / "run1" / "notes.txt").exists()
     return f"exit {status}; the user's file {'kept' if kept else 'DELETED'}"
 

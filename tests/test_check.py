@@ -79,26 +79,26 @@ def test_a_nondeterministic_difference_stays_bounded_and_says_why(tmp_path):
 
 
 def test_crashing_command_exits_2_with_its_stderr(tmp_path):
-    proc = _check(["--runs", "1", "--vary", "seed=0,1"], tmp_path, env={"TINY_CRASH": "1"})
+    proc = _check([], tmp_path, env={"TINY_CRASH": "1"})
     assert proc.returncode == 2
     assert "exited with status 1" in proc.stdout
     assert "tiny_train crashed on purpose" in proc.stdout
 
 
 def test_command_without_trace_is_an_error(tmp_path):
-    proc = _check(["--runs", "1", "--vary", "seed=0,1"], tmp_path, env={"TINY_NO_TRACE": "1"})
+    proc = _check([], tmp_path, env={"TINY_NO_TRACE": "1"})
     assert proc.returncode == 2
     assert "recorded no trace: add `trace = torchrepro.Trace()`" in proc.stdout
 
 
 def test_resume_without_checkpointer_is_an_error(tmp_path):
-    proc = _check(["--runs", "1", "--resume-at", "3"], tmp_path, env={"TINY_NO_CHECKPOINT": "1"})
+    proc = _check(["--resume-at", "3"], tmp_path, env={"TINY_NO_CHECKPOINT": "1"})
     assert proc.returncode == 2
     assert "wrote no checkpoint" in proc.stdout
 
 
 def test_resume_step_beyond_the_run_is_an_error(tmp_path):
-    proc = _check(["--runs", "1", "--resume-at", "999"], tmp_path)
+    proc = _check(["--resume-at", "999"], tmp_path)
     assert proc.returncode == 2, proc.stdout
     assert 'run "run 1" ran 16 steps' in proc.stdout
 
@@ -107,7 +107,7 @@ def test_resume_step_beyond_the_run_is_an_error(tmp_path):
     ("args", "message"),
     [
         (["--vary", "num_workers"], "--vary must look like NAME=V1,V2"),
-        (["--runs", "0"], "must be an integer in [1, 100]"),
+        (["--runs", "0"], "must be an integer in [2, 100], got '0': only two runs"),
         (["--resume-at", "x"], "must be an integer >= 1"),
     ],
 )
@@ -118,6 +118,6 @@ def test_usage_errors(tmp_path, args, message):
 
 
 def test_missing_command_is_usage_error():
-    proc = subprocess.run([*CLI, "--runs", "1"], capture_output=True, text=True)
+    proc = subprocess.run([*CLI, "--runs", "2"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "missing the command to run" in proc.stderr

@@ -81,7 +81,7 @@ def test_runs_is_bounded_before_anything_is_allocated(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["check", "--runs", str(10**12), "--", "true"])
     assert exc.value.code == 2
-    assert "--runs: must be an integer in [1, 100], got '1000000000000'" in capsys.readouterr().err
+    assert "--runs: must be an integer in [2, 100], got '1000000000000'" in capsys.readouterr().err
 
 
 def test_keep_never_deletes_existing_runs(tmp_path):

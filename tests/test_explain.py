@@ -116,3 +116,45 @@ def test_traces_without_a_fingerprint_say_so(tmp_path):
     found = explain(read_trace(a), read_trace(b))
     assert found.suspects == [] and "no environment fingerprint in the header of" in found.note
     assert str(a) in found.note and str(b) not in found.note
+
+
+def _header_with_loader(path: Path, fingerprint: dict, iterable: bool) -> Path:
+    _trace(path, fingerprint, [1.0, 2.0])
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["facts"] = {"loaders": [{"num_workers": 0, "iterable": iterable}]}
+    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("iterable", [False, True])
+def test_num_workers_with_an_iterable_dataset_is_not_called_harmless(tmp_path, iterable):
+    # Issue 23, rule 8: an IterableDataset's batches depend on num_workers today.
+    a = _header_with_loader(tmp_path / "a.jsonl", BASE, iterable)
+    b = _header_with_loader(tmp_path / "b.jsonl", _other(env__TORCHREPRO_NUM_WORKERS="2"), iterable)
+    found = explain(read_trace(a), read_trace(b))
+    (workers,) = [d for d in found.differences if d.key == "env.TORCHREPRO_NUM_WORKERS"]
+    assert ("do not depend on it" in workers.reason) is not iterable
+    assert workers.changes_results is iterable
+    assert (_keys(found.suspects) == ["env.TORCHREPRO_NUM_WORKERS"]) is iterable
+    if iterable:
+        assert "IterableDataset" in str(found.suspects[0])
+
+
+def test_a_loader_notes_whether_it_reads_an_iterable_dataset():
+    import torch
+
+    import torchrepro
+    from torchrepro.core import _runinfo
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(4))
+
+    seen = []
+    for dataset in (Stream(), list(range(4))):
+        _runinfo.clear()
+        next(iter(torchrepro.DataLoader(dataset, batch_size=2, seed=0)))
+        seen.append(_runinfo.facts()["loaders"][-1]["iterable"])
+    _runinfo.clear()
+    assert seen == [True, False]

@@ -52,7 +52,7 @@ def test_torchrun_two_processes_resume_is_reproducible(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "REPRODUCIBLE: 2 runs x 16 steps bitwise identical" in proc.stdout
+    assert "REPRODUCIBLE: 3 runs x 16 steps bitwise identical" in proc.stdout
 
 
 # -- in process ---------------------------------------------------------------------------
@@ -200,9 +200,9 @@ def test_resume_from_the_default_model_checkpoint_at_an_epoch_end_trains_the_nex
 def test_check_resume_at_an_epoch_end_takes_the_epoch_end_checkpoint_path(tmp_path):
     # 8 batches per epoch: the stop at 8 saves where ModelCheckpoint saves (train epoch end).
     command = [sys.executable, str(SCRIPTS / "lightning_epochs.py")]
-    proc = check("--runs", "1", "--resume-at", "8", command=command, cwd=tmp_path)
+    proc = check("--resume-at", "8", command=command, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "REPRODUCIBLE: 2 runs x 16 steps bitwise identical" in proc.stdout
+    assert "REPRODUCIBLE: 3 runs x 16 steps bitwise identical" in proc.stdout
 
 
 @pytest.mark.rng_changes
@@ -295,6 +295,6 @@ def test_manual_optimization_counts_one_step_per_batch_and_stops_there(clean_env
 @pytest.mark.slow
 def test_check_resume_at_with_manual_optimization_is_reproducible(tmp_path):
     command = [sys.executable, str(SCRIPTS / "lightning_gan.py")]
-    proc = check("--runs", "1", "--resume-at", "5", command=command, cwd=tmp_path)
+    proc = check("--resume-at", "5", command=command, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "REPRODUCIBLE: 2 runs x 16 steps bitwise identical" in proc.stdout
+    assert "REPRODUCIBLE: 3 runs x 16 steps bitwise identical" in proc.stdout

@@ -321,3 +321,57 @@ def test_close_then_step_appends_and_context_manager_closes(tmp_path: Path) -> N
     trace.close()  # idempotent
     assert read_trace(path).steps == [1, 2]
     assert path.read_text().count('"format"') == 1
+
+
+def _batch_checksum(batch: object) -> dict[str, Any]:
+    from torchrepro.trace._trace import _batch_entry
+
+    return _batch_entry(batch)
+
+
+def test_numpy_leaves_are_checksummed_by_content() -> None:
+    # Issue 23, rule 8: a batch of NumPy arrays was recorded by type, so any two matched.
+    np = pytest.importorskip("numpy")
+    ids = np.arange(8)
+    same = _batch_checksum({"x": np.ones((2, 3), np.float32), "id": ids.copy()})
+    assert same == _batch_checksum({"x": np.ones((2, 3), np.float32), "id": np.arange(8)})
+    changed = ids.copy()
+    changed[5] += 1
+    other = _batch_checksum({"x": np.ones((2, 3), np.float32), "id": changed})
+    assert other["checksum"] != same["checksum"]
+    # the dtype, a scalar, text and object arrays count too; none is opaque
+    for a, b in [
+        (np.zeros(3, np.float32), np.zeros(3, np.float64)),
+        (np.int64(3), np.int64(4)),
+        (np.array(["a", "b"]), np.array(["a", "c"])),
+        (np.array([{"k": 1}], dtype=object), np.array([{"k": 2}], dtype=object)),
+        (np.zeros(2, np.uint16), np.ones(2, np.uint16)),
+    ]:
+        left, right = _batch_checksum([a]), _batch_checksum([b])
+        assert left["checksum"] != right["checksum"], (a, b)
+        assert "opaque" not in left
+    # the same content, strided or not, is the same batch
+    grid = np.arange(12).reshape(3, 4)
+    assert (
+        _batch_checksum(grid[:, ::2])["checksum"]
+        == _batch_checksum(np.ascontiguousarray(grid[:, ::2]))["checksum"]
+    )
+
+
+def test_leaves_known_only_by_type_leave_the_batch_unknown(tmp_path: Path) -> None:
+    class Blob:
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+    entry = _batch_checksum({"x": torch.ones(2), "blob": Blob(1)})
+    assert entry["opaque"] == 1
+    paths = []
+    for name, value in (("a", 1), ("b", 2)):
+        path = tmp_path / f"{name}.jsonl"
+        with Trace(path) as trace:
+            trace.step(loss=torch.tensor(float(value)), batch={"blob": Blob(value)})
+        paths.append(path)
+    comparison = compare_traces(read_trace(paths[0]), read_trace(paths[1]))
+    assert comparison.first_step == 1
+    # the blobs differ but were never compared: neither "identical" nor "differs"
+    assert comparison.batch_differs is None

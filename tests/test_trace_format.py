@@ -48,7 +48,7 @@ def test_header_records_observed_facts_and_full_fingerprint(tmp_path: Path) -> N
     assert header["version"] == 3
     facts = header["facts"]
     assert facts["seed"] == 123
-    assert facts["loaders"] == [{"num_workers": 0}]
+    assert facts["loaders"] == [{"num_workers": 0, "iterable": False}]
     assert facts["world_size"] == 1
     assert facts["torch_threads"] == torch.get_num_threads()
     assert "resumed_from" in facts

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from ._errors import TorchreproError
 from ._version import __version__
-from .check._plan import MAX_RUNS, plan_runs, run_environment
+from .check._plan import MAX_RUNS, MIN_RUNS, plan_runs, run_environment
 from .check._process import SignalInterrupt, raise_on_signals, run_foreground
 from .check._results import CheckReport
 from .check._runner import run_check
@@ -197,19 +197,27 @@ def _cmd_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 127 if isinstance(exc, FileNotFoundError) else 126
 
 
-def _positive(text: str, most: int | None = None) -> int:
-    expected = "an integer >= 1" if most is None else f"an integer in [1, {most}]"
+def _positive(text: str, most: int | None = None, least: int = 1) -> int:
+    expected = f"an integer >= {least}" if most is None else f"an integer in [{least}, {most}]"
     try:
         value = int(text, 10)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
-    if value < 1 or (most is not None and value > most):
+    if value < least or (most is not None and value > most):
         raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
     return value
 
 
 def _runs(text: str) -> int:
-    return _positive(text, MAX_RUNS)
+    try:
+        return _positive(text, MAX_RUNS, MIN_RUNS)
+    except argparse.ArgumentTypeError as exc:
+        if text.strip() not in ("0", "1"):
+            raise
+        raise argparse.ArgumentTypeError(  # the usual mistake gets the reason, not only the range
+            f"{exc}: only two runs of one identical configuration can show that it reproduces "
+            "(--vary and --resume-at runs change something); use --runs 2 (the default)"
+        ) from None
 
 
 def _seconds(text: str) -> float:

@@ -17,6 +17,7 @@ from .._errors import CheckpointError, TraceError
 from ..checkpoint._io import read_checkpoint
 from ..core import _envvars
 from ..trace._compare import TraceData, read_trace
+from ._leftovers import EXIT_STATE
 from ._plan import DISTORT_VAR, INDUCTOR_CACHE_VAR, RunSpec
 from ._process import gloo_teardown_abort, run_in_group, tail
 from ._results import RunResult
@@ -135,6 +136,7 @@ def execute(
         **spec.env,
         _envvars.TRACE: str(trace_path),
         _envvars.CHECKPOINT: str(ckpt_path),
+        _envvars.EXIT_STATE: str(directory / EXIT_STATE),
     }
     env.pop(_envvars.STOP_AT, None)
     if spec.cold_cache:  # empty at the start: created after the emptiness check above
@@ -267,26 +269,53 @@ def loader_effect(spec: RunSpec, trace: TraceData, reference: RunSpec) -> str | 
 
 
 def _resume_problem(resume_at: int, trace: TraceData) -> str | None:
-    """Whether the second process resumed from ``resume_at`` and continued after it."""
+    """Whether the second process resumed from ``resume_at`` and continued after it.
+
+    The advice names what the resumed process's header shows is wrong: a Trace restored
+    from the checkpoint (``trace_restored``) at another step than the Checkpointer's count
+    means the two count different steps, not that the Trace was left out.
+    """
     segments = trace.segments()
     header, records = segments[-1]
-    resumed = header.get("facts", {}).get("resumed_from")
+    facts = header.get("facts", {})
+    resumed = facts.get("resumed_from")
+    restored = facts.get("trace_restored")
     if resumed != resume_at:
         found = "did not resume" if resumed is None else f"resumed from step {resumed}"
         return (
             f"--resume-at {resume_at}: the resumed process {found}, not from step {resume_at}; "
-            "call Checkpointer.resume() (or load_checkpoint) before the training loop, and pass "
-            "the Trace to the Checkpointer (trace=trace) so the trace continues"
+            "call Checkpointer.resume() (or load_checkpoint) before the training loop"
+            + (
+                ", and pass the Trace to the Checkpointer (trace=trace) so the trace continues"
+                if restored is None
+                else ""
+            )
         )
     every = header.get("every", 1)
     every = every if isinstance(every, int) and every >= 1 else 1
     expected = (resume_at // every + 1) * every
     first = records[0]["step"] if records else None
-    if first != expected:
-        got = "traced no step" if first is None else f"continued with step {first}"
-        return (
-            f"--resume-at {resume_at}: the resumed process {got}, not step {expected}; pass the "
-            "Trace to the Checkpointer (trace=trace) so its step count is restored, and count "
-            "steps from Checkpointer.steps"
+    if first == expected:
+        return None
+    got = "traced no step" if first is None else f"continued with step {first}"
+    problem = f"--resume-at {resume_at}: the resumed process {got}, not step {expected}; "
+    if not isinstance(restored, int):
+        return problem + (
+            "pass the Trace to the Checkpointer (trace=trace) so its step count is restored, "
+            "and count steps from Checkpointer.steps"
         )
-    return None
+    problem += (
+        f"the checkpoint restored the Trace at step {restored} while the Checkpointer had "
+        f"counted {resume_at} steps: the two count different steps"
+    )
+    if restored < resume_at:
+        return problem + (
+            f" (ckpt.step() ran before trace.step() in step {resume_at}, so the stop at "
+            f"{resume_at} came before that step was traced); call trace.step() first, then "
+            "ckpt.step(), once per training step"
+        )
+    return problem + (
+        " (trace.step() runs more often than ckpt.step(), e.g. once per micro-batch and "
+        "once per optimizer step, so --resume-at K counts other steps than the trace); call "
+        "both once per optimizer step"
+    )

@@ -16,6 +16,7 @@ Pure functions over fingerprints and parsed traces; nothing here prints.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +144,7 @@ def rank_differences(
     first_step: int | None = None,
     first_traced_step: int | None = None,
     batch_differs: bool | None = None,
+    iterable: bool = False,
 ) -> list[Suspect]:
     """The fingerprint differences that can explain a divergence, most likely first.
 
@@ -157,6 +159,8 @@ def rank_differences(
             "from the start").
         batch_differs: whether the batch consumed at ``first_step`` already differed;
             None when unknown.
+        iterable: a run's torchrepro loader reads an IterableDataset, so
+            ``TORCHREPRO_NUM_WORKERS`` changes its batches.
 
     Returns:
         A list of :class:`Suspect`, highest score first.
@@ -175,7 +179,8 @@ def rank_differences(
     if first_step is not None:
         from_start = first_step <= (first_traced_step if first_traced_step is not None else 1)
     suspects = []
-    for d in diff_fingerprints(a, b):
+    differences = diff_fingerprints(a, b)
+    for d in [_iterable_workers(d) for d in differences] if iterable else differences:
         category = _category(d.key)
         if not d.changes_results and not (
             batch_differs and d.key.startswith("env.TORCHREPRO_NUM_WORKERS")
@@ -294,11 +299,40 @@ def explain(
             + " (written by a torchrepro that did not record one)",
         )
     common = [s for s in reference.steps if s in set(other.steps)]
+    iterable = _reads_iterable(reference) or _reads_iterable(other)
     suspects = rank_differences(
         fp_a,
         fp_b,
         first_step=comparison.first_step,
         first_traced_step=common[0] if common else None,
         batch_differs=batch,
+        iterable=iterable,
     )
-    return Explanation(comparison, batch, suspects, diff_fingerprints(fp_a, fp_b))
+    differences = diff_fingerprints(fp_a, fp_b)
+    if iterable:
+        differences = [_iterable_workers(d) for d in differences]
+    return Explanation(comparison, batch, suspects, differences)
+
+
+def _reads_iterable(trace: TraceData) -> bool:
+    """Whether a process of ``trace`` had a torchrepro loader over an IterableDataset."""
+    return any(
+        isinstance(loader, dict) and loader.get("iterable")
+        for header in trace.headers
+        for loader in (header.get("facts", {}).get("loaders") or [])
+    )
+
+
+def _iterable_workers(d: Difference) -> Difference:
+    """``num_workers`` as what it is for an IterableDataset: a difference in the data."""
+    if not d.key.startswith("env.TORCHREPRO_NUM_WORKERS"):
+        return d
+    return dataclasses.replace(
+        d,
+        reason=(
+            "num_workers: the torchrepro.DataLoader reads an IterableDataset, whose batches "
+            "depend on it (each worker iterates its own copy of the stream)"
+        ),
+        changes_results=True,
+        rank=7,
+    )

@@ -23,6 +23,7 @@ from ._explain import explain
 from ._localize import compare_captures
 from ._plan import RunSpec
 from ._process import tail
+from ._restore import kept_checkpoints
 from ._results import CheckReport, RunResult
 from ._verdict import first_divergence
 
@@ -70,8 +71,10 @@ def _rerun(
 
     The run gets ``TORCHREPRO_LOCALIZE_STEP=step`` (it captures that step per module and
     ends) and ``extra``; starting from a checkpoint, it continues a copy of the reference
-    trace (cut back to the checkpoint's step on resume). Returns the trace path and the
-    problem, if the run failed.
+    trace (cut back to the checkpoint's step on resume). A resume configuration re-runs as
+    itself: from the start, stopped at its ``resume_at`` and resumed in a second process
+    (``checkpoint`` must then be None). Returns the trace path and the problem, if the run
+    failed.
     """
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         return directory / "trace.jsonl", (
@@ -98,6 +101,30 @@ def _rerun(
     run_env.pop(_envvars.KEEP_CHECKPOINTS, None)
     if progress is not None:
         progress(label)
+    if spec.resume_at is not None and step > spec.resume_at:
+        if checkpoint is not None:
+            raise ValueError("a resume configuration re-runs from the start, not a checkpoint")
+        stopped = {
+            **base_env,
+            **spec.env,
+            **extra,
+            _envvars.TRACE: str(trace),
+            _envvars.CHECKPOINT: str(directory / "checkpoint.pt"),
+            _envvars.STOP_AT: str(spec.resume_at),
+        }
+        code, problem = run_process(
+            command,
+            stopped,
+            directory,
+            label=label,
+            trace=trace,
+            progress=progress,
+            timeout=timeout,
+        )
+        if problem is None and code != 0:
+            problem = f"{exit_reason(code)}: {tail(directory / 'stderr.log', lines=5)}"
+        if problem is not None:
+            return trace, f"(the part stopped at step {spec.resume_at}) {problem}"
     code, problem = run_process(
         command, run_env, directory, label=label, trace=trace, progress=progress, timeout=timeout
     )
@@ -178,7 +205,7 @@ def pinpoint_divergence(
         return None
     step, earliest = comparison.first_step, comparison.earliest_step
     reference = report.runs[0]
-    kept = _kept_checkpoints(reference.directory)
+    kept = kept_checkpoints(reference.directory) if run.spec.resume_at is None else {}
     start = max((k for k in kept if k < earliest), default=0)
     traces: list[TraceData] = []
     for spec, path, problem in _rerun_both(
@@ -264,16 +291,6 @@ def _did_not_repeat(names: list[str]) -> str:
     )
 
 
-def _kept_checkpoints(directory: Path) -> dict[int, Path]:
-    """The checkpoints a run kept with TORCHREPRO_KEEP_CHECKPOINTS, by step."""
-    kept = {}
-    for path in directory.glob("checkpoint.pt.step*"):
-        suffix = path.name.rsplit(".step", 1)[1]
-        if suffix.isdigit():
-            kept[int(suffix)] = path
-    return kept
-
-
 def localize_divergence(
     report: CheckReport,
     command: Sequence[str],
@@ -317,7 +334,9 @@ def localize_divergence(
         )
         return
     reference = report.runs[0]
-    kept = _kept_checkpoints(reference.directory)
+    # A resume configuration re-runs as itself, from the start (see _rerun); a re-run from
+    # the reference's checkpoint would be a resume of the reference instead.
+    kept = kept_checkpoints(reference.directory) if run.spec.resume_at is None else {}
     start = max((k for k in kept if k < step), default=0)
     interval = min(kept, default=None)
     captures = []

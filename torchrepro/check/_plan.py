@@ -18,6 +18,7 @@ __all__ = [
     "DISTORT_VAR",
     "INDUCTOR_CACHE_VAR",
     "MAX_RUNS",
+    "MIN_RUNS",
     "RunSpec",
     "plan_runs",
     "run_environment",
@@ -26,8 +27,9 @@ __all__ = [
 INDUCTOR_CACHE_VAR = "TORCHINDUCTOR_CACHE_DIR"
 DISTORT_VAR = "TORCHINDUCTOR_DISTORT_BENCHMARKING_RESULT"
 
-# The most runs --runs asks for (each is a full training run; more is a typo).
-MAX_RUNS = 100
+# The fewest and most runs --runs asks for: REPRODUCIBLE needs two runs of one identical
+# configuration compared; each is a full training run, so more than 100 is a typo.
+MIN_RUNS, MAX_RUNS = 2, 100
 
 # --vary names with a meaning of their own; any other NAME sets the environment variable NAME.
 VARY_ALIASES = {"num_workers": _envvars.NUM_WORKERS, "seed": _envvars.SEED}
@@ -92,8 +94,28 @@ def _parse_vary(vary: Sequence[str]) -> list[tuple[str, str, list[str]]]:
                 f"--vary {name}=...: {var} is set by {RESERVED[var]}, not by --vary; "
                 "remove it (use --resume-at K to stop and resume a run)"
             )
+        seen: dict[str, str] = {}
+        for value in choices:
+            key = _normalised(var, value)
+            if key in seen:
+                raise ValueError(
+                    f"--vary {item!r} gives one value twice ({seen[key]!r} and {value!r} are "
+                    f"both {name}={key}): a run of the same value compares nothing new; give "
+                    "distinct values"
+                )
+            seen[key] = value
         parsed.append((name, var, choices))
     return parsed
+
+
+def _normalised(var: str, value: str) -> str:
+    """The value a run would see: integers for the seed and num_workers (``01`` is 1)."""
+    if var in (_envvars.SEED, _envvars.NUM_WORKERS):
+        try:
+            return str(int(value, 10))
+        except ValueError:
+            return value  # the run itself refuses it, naming the variable
+    return value
 
 
 def plan_runs(
@@ -114,19 +136,18 @@ def plan_runs(
     fingerprint difference that does nothing would only mislead an explanation.
 
     Raises:
-        ValueError: ``runs`` < 1, a malformed ``--vary`` or one of a variable the checker
-            sets, ``resume_at`` < 1, or a plan that compares nothing (``runs=1`` alone).
+        ValueError: ``runs`` < 2 (no two runs of one configuration to compare), a malformed
+            ``--vary`` or one of a variable the checker sets, ``resume_at`` < 1.
     """
-    if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_RUNS:
-        raise ValueError(f"--runs must be an integer in [1, {MAX_RUNS}], got {runs!r}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or not MIN_RUNS <= runs <= MAX_RUNS:
+        raise ValueError(
+            f"--runs must be an integer in [{MIN_RUNS}, {MAX_RUNS}], got {runs!r}: only two runs "
+            "of one identical configuration can show that it reproduces (--vary and --resume-at "
+            "runs change something); use --runs 2 (the default)"
+        )
     if resume_at is not None and (isinstance(resume_at, bool) or resume_at < 1):
         raise ValueError(f"--resume-at must be a step >= 1, got {resume_at!r}")
     parsed = _parse_vary(vary)
-    if runs == 1 and resume_at is None and not any(len(v) > 1 for _, _, v in parsed):
-        raise ValueError(
-            "--runs 1 alone compares nothing: a check needs a second run to compare with. "
-            "Use --runs 2 (the default), or add --vary NAME=A,B or --resume-at K"
-        )
     base = {var: values[0] for _name, var, values in parsed}
     specs = [RunSpec(f"run {i + 1}", dict(base)) for i in range(runs)]
     for name, var, values in parsed:

@@ -25,6 +25,8 @@ class RunResult:
     stderr_tail: str
     directory: Path
     error: str | None = None
+    # The tensor files it wrote in the working directory, as leaf fingerprints.
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def relation(spec: RunSpec, reference: RunSpec) -> str:
@@ -34,6 +36,18 @@ def relation(spec: RunSpec, reference: RunSpec) -> str:
     if spec.resume_at is not None:
         return "resume"
     return "repeat" if spec.env == reference.env else "variation"
+
+
+def _checkpoint_causes(trace: TraceData | None) -> tuple[str, ...]:
+    """What the Checkpointer noted its checkpoints lack, from the trace's headers."""
+    if trace is None:
+        return ()
+    found: list[str] = []
+    for header in trace.headers:
+        for note in header.get("facts", {}).get("checkpoint_notes") or []:
+            if isinstance(note, str) and note not in found:
+                found.append(note)
+    return tuple(found)
 
 
 @dataclass
@@ -56,6 +70,11 @@ class CheckReport:
     localization_note: str = ""
     # How the exact first divergent step was found, when the traces only bounded it.
     pinpoint_note: str = ""
+    # By resume run: what its first save after the stop holds otherwise than run 1's.
+    restore: dict[str, str] = field(default_factory=dict)
+    # What was compared at exit (object names, "RNG", file names) and, by run, what differed.
+    exit_compared: tuple[str, ...] = ()
+    exit_differs: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def _pairs(self) -> list[tuple[RunResult, Comparison]]:
         return list(zip(self.runs[1:], self.comparisons, strict=False))
@@ -74,9 +93,20 @@ class CheckReport:
             steps=self.steps,
             recorded=frozenset(str(e.get("kind")) for e in first),
             compared=tuple(
-                Compared(r.spec.name, relation(r.spec, self.runs[0].spec), c)
+                Compared(
+                    r.spec.name,
+                    relation(r.spec, self.runs[0].spec),
+                    c,
+                    r.spec.resume_at,
+                    _checkpoint_causes(r.trace)
+                    + ((self.restore[r.spec.name],) if r.spec.name in self.restore else ())
+                    if r.spec.resume_at is not None
+                    else (),
+                    self.exit_differs.get(r.spec.name, ()),
+                )
                 for r, c in self._pairs()
             ),
+            exit_compared=self.exit_compared,
         )
 
     def claim(self) -> Claim:
@@ -85,7 +115,8 @@ class CheckReport:
 
     @property
     def unexpected(self) -> list[Comparison]:
-        """Comparisons that diverged although they must not (every run but a seed change)."""
+        """Comparisons whose traces diverged although they must not (every run but a seed
+        change); a difference only at exit has no step to re-run."""
         return [c for r, c in self._pairs() if not c.identical and not r.spec.must_differ]
 
     @property
@@ -146,6 +177,9 @@ class CheckReport:
             "localization": None if self.localization is None else self.localization.to_dict(),
             "localization_note": self.localization_note,
             "pinpoint_note": self.pinpoint_note,
+            "restore": dict(self.restore),
+            "exit_compared": list(self.exit_compared),
+            "exit_differs": {k: list(v) for k, v in self.exit_differs.items()},
             "seed_without_effect": self.seed_without_effect,
             "notes": list(self.notes),
         }

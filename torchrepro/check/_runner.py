@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from ..core._seed import seed_from_env
 from ..trace._compare import Comparison, compare_traces
 from ._execute import Progress, execute, keep_root, loader_effect
 from ._explain import explain
+from ._leftovers import exit_differences, file_differences, tensor_files
 from ._pinpoint import localize_divergence, pinpoint_divergence
 from ._plan import plan_runs, run_environment
+from ._restore import restore_differences
 from ._results import CheckReport, RunResult
 
 __all__ = ["run_check"]
@@ -107,10 +110,15 @@ def run_check(
         for index, spec in enumerate(specs):
             if progress is not None:
                 progress(f"run {index + 1}/{len(specs)}: {spec.name}")
-            env = {**base_env, _envvars.KEEP_CHECKPOINTS: "1"} if index == 0 else base_env
+            # The reference keeps its checkpoints for re-runs; a resume run keeps its own,
+            # so a resume fault can be shown in the state saved after the stop.
+            keeps = index == 0 or spec.resume_at is not None
+            env = {**base_env, _envvars.KEEP_CHECKPOINTS: "1"} if keeps else base_env
+            since = time.time()
             result = execute(
                 command, spec, root / f"run{index + 1}", env, progress, timeout=timeout
             )
+            result.files = tensor_files(Path.cwd(), since, skip=root)
             results.append(result)
             if result.error is not None:
                 return CheckReport(results, comparisons, f'run "{spec.name}" {result.error}')
@@ -151,6 +159,14 @@ def run_check(
         report = CheckReport(results, comparisons, notes=notes)
         reference = results[0]
         assert reference.trace is not None
+        _compare_at_exit(report)
+        for result, comparison in zip(results[1:], comparisons, strict=True):
+            if result.spec.resume_at is not None and not comparison.identical:
+                found = restore_differences(
+                    reference.directory, result.directory, result.spec.resume_at
+                )
+                if found is not None:
+                    report.restore[result.spec.name] = found
         captured = None
         if localize is not False and report.unexpected:
             captured = pinpoint_divergence(
@@ -176,3 +192,22 @@ def run_check(
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _compare_at_exit(report: CheckReport) -> None:
+    """Each run's exit state and tensor files beside the reference's (see ._leftovers)."""
+    reference = report.runs[0]
+    compared: list[str] | None = None
+    for run in report.runs[1:]:
+        if run.spec.must_differ:
+            continue
+        names, differs = exit_differences(reference.directory, run.directory)
+        differs += file_differences(reference.files, run.files)
+        compared = names if compared is None else [n for n in compared if n in names]
+        if differs:
+            report.exit_differs[run.spec.name] = tuple(differs)
+    files = sorted(reference.files)
+    report.exit_compared = tuple(
+        ([f"the state of {', '.join(compared)}"] if compared else [])
+        + ([f"the files {', '.join(files)}"] if files else [])
+    )

@@ -43,6 +43,12 @@ class Compared:
     name: str
     relation: str
     comparison: Comparison
+    # A resume run: the step it stopped at, and what its checkpoint is known not to hold
+    # (the Checkpointer's notes, e.g. an LR scheduler that was not saved).
+    resume_at: int | None = None
+    causes: tuple[str, ...] = ()
+    # What differed at exit (objects' state, tensor files) although every step agreed.
+    at_exit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.relation not in RELATIONS:
@@ -53,9 +59,27 @@ class Compared:
         return self.relation == "seed"
 
     @property
+    def differs(self) -> bool:
+        """Its trace or what it left at exit differs from the reference's."""
+        return not self.comparison.identical or bool(self.at_exit)
+
+    @property
     def diverged(self) -> bool:
         """It differs although it must not."""
-        return not self.comparison.identical and not self.must_differ
+        return self.differs and not self.must_differ
+
+    @property
+    def first_step(self) -> float:
+        """The first divergent step; a difference only at exit comes after every step."""
+        step = self.comparison.first_step
+        return float("inf") if self.comparison.identical or step is None else step
+
+    def verdict(self) -> str:
+        """``DIVERGED at step N (...)``, or ``DIVERGED at exit (...)`` when only that differs."""
+        if not self.comparison.identical:
+            return self.comparison.verdict
+        ref, other = self.comparison.names
+        return f'DIVERGED at exit (run "{other}" vs "{ref}"): ' + "; ".join(self.at_exit)
 
 
 @dataclass(frozen=True)
@@ -70,6 +94,8 @@ class Facts:
         recorded: what every step record held (``"loss"``, ``"batch"``), from the
             reference's first record.
         compared: every later run, in order.
+        exit_compared: what was compared as the runs exited (``"the state of model, ..."``,
+            ``"the files ..."``); empty when nothing was.
     """
 
     error: str | None
@@ -77,6 +103,7 @@ class Facts:
     steps: int
     recorded: frozenset[str]
     compared: tuple[Compared, ...]
+    exit_compared: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +138,7 @@ def _diverged(facts: Facts) -> list[Compared]:
 
 
 def _seed_without_effect(facts: Facts) -> list[Compared]:
-    return [c for c in facts.compared if c.must_differ and c.comparison.identical]
+    return [c for c in facts.compared if c.must_differ and not c.differs]
 
 
 def first_divergence(facts: Facts) -> Compared | None:
@@ -122,17 +149,46 @@ def first_divergence(facts: Facts) -> Compared | None:
     diverged = _diverged(facts)
     if not diverged:
         return None
-    return min(diverged, key=lambda c: c.comparison.first_step or 0)
+    return min(diverged, key=lambda c: c.first_step)
+
+
+def _resume_fault(facts: Facts) -> bool:
+    """The earliest divergence is a resume's, and a repeat of run 1 agreed."""
+    first = first_divergence(facts)
+    repeated = any(c.relation == "repeat" and c.comparison.identical for c in facts.compared)
+    return first is not None and first.relation == "resume" and repeated
+
+
+def _say_resume_fault(facts: Facts) -> str:
+    first = first_divergence(facts)
+    assert first is not None
+    c = first.comparison
+    step = (
+        "its exit, every traced step agreeing (" + "; ".join(first.at_exit) + ")"
+        if c.identical
+        else f"step {c.first_step}"
+        if c.exact or c.earliest_step is None
+        else f"a step in {c.earliest_step}-{c.first_step}"
+    )
+    stop = "" if first.resume_at is None else f" at step {first.resume_at}"
+    text = (
+        f"RESUME FAULT: the resumed run differs from the uninterrupted one from {step} (run "
+        f'"{first.name}" vs "{facts.reference}"), while runs with identical settings agree: '
+        f"the checkpoint{stop} did not restore everything training depends on"
+    )
+    if first.causes:
+        text += "; " + "; ".join(first.causes)
+    return text
 
 
 def _say_repeat_differs(facts: Facts) -> str:
-    return f"{_repeats_diverged(facts)[0].comparison.verdict} with identical settings"
+    return f"{_repeats_diverged(facts)[0].verdict()} with identical settings"
 
 
 def _say_diverged(facts: Facts) -> str:
     first = first_divergence(facts)
     assert first is not None
-    return first.comparison.verdict
+    return first.verdict()
 
 
 def _say_seed(facts: Facts) -> str:
@@ -144,20 +200,48 @@ def _say_seed(facts: Facts) -> str:
     )
 
 
+MODEL_KINDS = frozenset({"param", "buffer", "grad"})
+
+
 def coverage(facts: Facts) -> str:
-    """What the identical traces held, when not the whole state at every step."""
+    """What the identical runs were compared on: the traces' records, and what at exit."""
     compared = [c.comparison for c in facts.compared if not c.must_differ]
     if not compared:
         return ""
-    state = min(c.state_steps for c in compared)
-    if state == facts.steps:
-        return ""
     what = " and ".join(k for k in ("loss", "batch") if k in facts.recorded)
-    end = all(c.end_compared for c in compared)
+    if not facts.recorded & MODEL_KINDS:
+        steps = f"every step's {what or 'record'}; the traces hold no model state"
+    else:
+        state = min(c.state_steps for c in compared)
+        end = all(c.end_compared for c in compared)
+        steps = (
+            ""
+            if state == facts.steps
+            else f"every step's {what or 'record'}; the model's state at {state} of them"
+            + (" and after the last" if end else "; not after the last: a run did not record it")
+        )
+    if facts.exit_compared:
+        at_exit = "at exit: " + " and ".join(facts.exit_compared)
+    else:
+        at_exit = (
+            "nothing at exit: give the objects to a torchrepro.Checkpointer, or pass "
+            "model= to trace.step(), to compare more"
+            if not facts.recorded & MODEL_KINDS
+            else ""
+        )
+    parts = [p for p in (steps, at_exit) if p]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _no_repeat(facts: Facts) -> bool:
+    return not any(c.relation == "repeat" for c in facts.compared)
+
+
+def _say_no_repeat(facts: Facts) -> str:
     return (
-        f" (every step's {what or 'record'}; the model's state at {state} of them"
-        + (" and after the last" if end else "; not after the last: a run did not record it")
-        + ")"
+        f'ERROR: no run repeated run "{facts.reference}"\'s configuration, so nothing shows '
+        "that it reproduces (a --vary or --resume-at run changes something); use --runs 2 "
+        "(the default) or more"
     )
 
 
@@ -182,8 +266,12 @@ RULES: tuple[Rule, ...] = (
         _say_repeat_differs,
         EXIT_DIFFERENT,
     ),
+    # A resume that parts from runs that agree is a resume fault, not nondeterminism.
+    Rule("resume fault", _resume_fault, _say_resume_fault, EXIT_DIFFERENT),
     Rule("a run differs", lambda f: bool(_diverged(f)), _say_diverged, EXIT_DIFFERENT),
     Rule("seed has no effect", lambda f: bool(_seed_without_effect(f)), _say_seed, EXIT_DIFFERENT),
+    # REPRODUCIBLE needs two runs of one identical configuration that agree.
+    Rule("nothing repeated", _no_repeat, _say_no_repeat, EXIT_ERROR),
     Rule("reproducible", lambda f: True, _say_reproducible, EXIT_OK),
 )
 

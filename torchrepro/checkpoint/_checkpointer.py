@@ -14,8 +14,12 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._errors import CheckpointError
 from ..core import _dist, _envvars, _runinfo
+from ..core._rng import get_rng_state
+from ._audit import SaveAudit
 from ._io import (
     _attempt,
     _check_bool,
@@ -95,6 +99,12 @@ class Checkpointer:
                 f"{_envvars.CHECKPOINT}, so the run can save before it stops"
             )
         self._resumed_at: int | None = None
+        self._audit = SaveAudit(self.objects)
+        exit_state = _envvars.env_path(_envvars.EXIT_STATE)
+        if exit_state is not None and _dist.world_size() == 1:
+            # A strong reference: a script's objects usually die with its main() before
+            # exit, and the state they ended with is what is compared (only under check).
+            atexit.register(_write_exit_state, self, Path(exit_state))
 
     def resume(self, *, strict: bool = True) -> dict[str, Any] | None:
         """Load ``path`` if it exists and return its ``extra``; None when there is none.
@@ -125,6 +135,9 @@ class Checkpointer:
         extra, meta = load_with_meta(path, self.objects, strict)
         self.steps = int(meta.get("steps", 0))
         _runinfo.note("resumed_from", self.steps)  # for the trace header
+        notes = meta.get("notes")
+        if isinstance(notes, list) and notes:  # what the checkpoint was saved without
+            _runinfo.note("checkpoint_notes", [str(n) for n in notes])
         self._resumed_at = self.steps
         if _dist.group_rank() == 0:  # once per run, not once per rank
             log.warning("torchrepro: resumed from %s at step %d", path, self.steps)
@@ -141,7 +154,16 @@ class Checkpointer:
             raise CheckpointError(
                 f"this Checkpointer has no path (pass one, or set {_envvars.CHECKPOINT})"
             )
-        save_with_meta(self.path, self.objects, extra, meta={"steps": self.steps})
+        notes = self._audit.findings(self.steps)
+        for note in notes:
+            key = note.split(" at step ")[0]  # once per kind of finding, not per save
+            if key not in self._audit.reported and _dist.group_rank() == 0:
+                log.warning("torchrepro: checkpoint %s: %s", self.path, note)
+            self._audit.reported.add(key)
+        meta: dict[str, Any] = {"steps": self.steps}
+        if notes:
+            meta["notes"] = notes
+        save_with_meta(self.path, self.objects, extra, meta=meta)
         if _envvars.env_int(_envvars.KEEP_CHECKPOINTS, low=0, high=1) and _dist.group_rank() == 0:
             keep(self.path, self.steps)
 
@@ -159,6 +181,19 @@ class Checkpointer:
             self.save(extra)
         if stopping:
             raise SystemExit(0)
+
+
+def _write_exit_state(ckpt: Checkpointer, path: Path) -> None:
+    """At exit, under ``TORCHREPRO_EXIT_STATE``: the state the objects and RNGs end with.
+
+    ``torchrepro check`` compares these files across runs: what a run exits with counts,
+    whether or not a trace saw it (a final untraced update, a best-weights restore).
+    """
+    try:
+        state = {name: obj.state_dict() for name, obj in ckpt.objects.items()}
+        torch.save({"objects": state, "rng": get_rng_state()}, path)
+    except Exception as exc:  # logged: at exit nobody is left to catch it
+        log.warning("torchrepro: could not write the exit state %s: %s", path, exc)
 
 
 def _report_no_progress(ref: weakref.ReferenceType[Checkpointer]) -> None:

@@ -18,6 +18,8 @@ DIST_TIMEOUT = "TORCHREPRO_DIST_TIMEOUT"
 # Localization (torchrepro check): capture one step per module; keep every checkpoint.
 LOCALIZE_STEP = "TORCHREPRO_LOCALIZE_STEP"
 KEEP_CHECKPOINTS = "TORCHREPRO_KEEP_CHECKPOINTS"
+# torchrepro check: where a Checkpointer writes the state of its objects at process exit.
+EXIT_STATE = "TORCHREPRO_EXIT_STATE"
 
 
 def env_int(name: str, *, low: int, high: int | None = None) -> int | None:

@@ -8,20 +8,37 @@ it asked them to do.
 
 The last batch a torchrepro loader handed out is kept by reference (no copy, no
 checksum), so the trace can checksum the batch a step consumed at no cost to untraced
-runs.
+runs; batches fetched by other threads are kept in order until a step takes them.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any
 
-__all__ = ["clear", "facts", "last_batch", "note", "note_batch", "note_loader", "take_batch"]
+__all__ = [
+    "clear",
+    "facts",
+    "last_batch",
+    "note",
+    "note_batch",
+    "note_loader",
+    "note_tracing",
+    "take_batch",
+]
 
 _lock = threading.Lock()
 _facts: dict[str, Any] = {}
 _loaders: dict[int, dict[str, Any]] = {}
 _batch: object | None = None
+# Batches other threads fetched, oldest first, until a step takes them (see note_batch).
+# Kept only while a Trace exists; MAX_AHEAD bounds the batches held (a prefetch queue is
+# a few batches deep).
+MAX_AHEAD = 32
+_fetched: collections.deque[object] = collections.deque()
+_overflowed = [False]
+_tracing = [False]
 
 
 def note(key: str, value: Any) -> None:
@@ -45,25 +62,56 @@ def facts() -> dict[str, Any]:
 
 
 def note_batch(batch: object) -> None:
-    """Keep a reference to the batch a torchrepro loader just handed to the caller."""
+    """Keep a reference to the batch a torchrepro loader just handed to the caller.
+
+    A batch fetched in the main thread (where training steps the trace) replaces the one
+    noted before it (the step consumed the last). Batches fetched in other threads (a prefetch thread that
+    fills a queue) wait in the order they were fetched, so each step takes the next one
+    whatever the thread's timing: a loader yields its batches in a fixed order, and the
+    queue between the threads keeps it.
+    """
     global _batch
-    _batch = batch
+    if threading.current_thread() is threading.main_thread():
+        _batch = batch
+        return
+    with _lock:
+        if not _tracing[0] or _overflowed[0]:
+            return
+        if len(_fetched) < MAX_AHEAD:
+            _fetched.append(batch)
+        else:  # steps take fewer batches than the thread fetches: the pairing is lost
+            _overflowed[0] = True
+            _fetched.clear()  # and the batches are not held any longer
+
+
+def note_tracing() -> None:
+    """A trace will take batches: keep those other threads fetch (else none is kept)."""
+    _tracing[0] = True
 
 
 def last_batch() -> object | None:
     """The batch most recently handed out by a torchrepro loader, or None."""
-    return _batch
+    with _lock:
+        return _fetched[-1] if _fetched else _batch
 
 
 def take_batch() -> object | None:
-    """The batch noted since the last call (then forgotten), or None.
+    """The batch the current step consumed, or None (then forgotten).
 
-    The trace takes it at each step, so a step that consumed no new batch records none
-    rather than an earlier step's.
+    The last batch noted in this thread since the previous step; else the oldest batch
+    another thread fetched and no step has taken yet. The trace takes it at each step, so
+    a step that consumed no new batch records none rather than an earlier step's; after
+    more than ``MAX_AHEAD`` batches from other threads went untaken, none is recorded
+    (which batch a step consumed is then unknown).
     """
     global _batch
     batch, _batch = _batch, None
-    return batch
+    if batch is not None:
+        return batch
+    with _lock:
+        if _overflowed[0] or not _fetched:
+            return None
+        return _fetched.popleft()
 
 
 def clear() -> None:
@@ -73,3 +121,6 @@ def clear() -> None:
         _facts.clear()
         _loaders.clear()
         _batch = None
+        _fetched.clear()
+        _overflowed[0] = False
+        _tracing[0] = False

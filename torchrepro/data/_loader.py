@@ -315,7 +315,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         isolate = self.num_workers == 0
         if isolate or self._repro_user is not None:
             check_thread("loading with num_workers=0" if isolate else "the sampler")
-        _runinfo.note_loader(self, num_workers=self.num_workers)
+        _runinfo.note_loader(self, num_workers=self.num_workers, iterable=self._repro_iterable)
         # The pass binds its epoch and position at its first next(), not here: frameworks
         # call iter() and then set_epoch() (Lightning, resuming from an epoch-end checkpoint).
         return LoaderIter(self._repro_start_pass, self._repro_position, isolate=isolate)

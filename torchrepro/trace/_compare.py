@@ -117,7 +117,8 @@ class Comparison:
         notes: other findings (a shorter trace, a torn last line, different settings).
         batch_differs: at ``first_step``, whether the batch the step consumed already
             differed (the data pipeline) or not (the model's computation); None when the
-            traces hold no batch checksum for that step.
+            traces hold no batch checksum for that step, or when the checksums agree but
+            some leaves were recorded by their type only (``opaque``).
         earliest_step: the earliest step the runs may already have parted at: one after
             the last step before ``first_step`` whose records both held the model's state
             (1 when none did). The first divergent step lies in
@@ -442,6 +443,8 @@ def compare_traces(
         ]
         if batches[0] and batches[1]:
             batch_differs = batches[0] != batches[1]
+            if not batch_differs and any(e.get("opaque") for e in batches[0]):
+                batch_differs = None  # leaves recorded by type only: "identical" is unknown
         if entries and all(e.measure == "checksum" for e in entries if e.kind != "batch"):
             notes.append(
                 f"step {first_step} recorded no norms (Trace records them every norm_every "

@@ -17,6 +17,7 @@ import logging
 import numbers
 import os
 import struct
+import sys
 import tempfile
 import weakref
 from collections.abc import Mapping
@@ -88,8 +89,42 @@ def _as_tensor(value: object, what: str) -> torch.Tensor:
     raise TypeError(f"{what} must be a torch.Tensor or a real number, got {type(value).__name__}")
 
 
+def _numpy_leaf(value: object) -> object | None:
+    """``value`` as a tensor (or, for object arrays, a nested list) when it is NumPy's.
+
+    NumPy is optional: it is looked up only when it is already imported, since a batch
+    cannot hold one of its arrays otherwise. Arrays whose dtype torch lacks become a
+    uint8 tensor of their bytes (with the dtype in the path); ``__array__`` objects
+    (PIL images) go through ``numpy.asarray``.
+    """
+    np = sys.modules.get("numpy")
+    if np is None:
+        return None
+    if not isinstance(value, (np.ndarray, np.generic)):
+        if not hasattr(value, "__array__") or isinstance(value, type):
+            return None
+        try:
+            value = np.asarray(value)
+        except Exception:  # an __array__ that fails is recorded by its type, as before
+            return None
+    array = np.ascontiguousarray(value)
+    if array.dtype.hasobject:
+        nested: object = array.tolist()
+        return nested
+    try:
+        return torch.from_numpy(array)
+    except TypeError:  # a dtype torch lacks (strings, dates, uint64 on old torch)
+        return torch.from_numpy(array.reshape(-1).view(np.uint8).copy())
+
+
 def _leaves(value: object, path: str, out: list[tuple[str, object]]) -> None:
-    """The leaves of a (nested) batch, with their paths, in a deterministic order."""
+    """The leaves of a (nested) batch, with their paths, in a deterministic order.
+
+    Tensors, NumPy arrays and scalars (as tensors, by content), ``None``, and ``str``,
+    ``bytes``, ``int``, ``float`` (by value) are leaves; anything else not nested in a
+    mapping, sequence or dataclass is recorded by its type only (``<Type>``), and the
+    batch entry counts it as ``opaque``.
+    """
     if (
         isinstance(value, torch.Tensor)
         or value is None
@@ -105,24 +140,41 @@ def _leaves(value: object, path: str, out: list[tuple[str, object]]) -> None:
     elif hasattr(value, "__dataclass_fields__"):
         for name in value.__dataclass_fields__:
             _leaves(getattr(value, name), f"{path}.{name}", out)
+    elif (array := _numpy_leaf(value)) is not None:
+        dtype = getattr(value, "dtype", None)
+        _leaves(array, f"{path}<numpy {dtype}>" if dtype is not None else path, out)
     else:
-        out.append((path, f"<{type(value).__qualname__}>"))  # not inspectable: its type only
+        out.append((path, _Opaque(type(value).__qualname__)))
+
+
+class _Opaque(str):
+    """A leaf recorded by its type only: nothing of its content can be compared."""
 
 
 def _batch_entry(batch: object) -> dict[str, Any]:
-    """One entry for the batch a step consumed: a checksum over every leaf."""
+    """One entry for the batch a step consumed: a checksum over every leaf.
+
+    ``opaque``: how many leaves were recorded by their type only (absent when none).
+    """
     leaves: list[tuple[str, object]] = []
     _leaves(batch, "batch", leaves)
     tensors = [v for _, v in leaves if isinstance(v, torch.Tensor)]
     checksums = iter(tensor_checksums(tensors))
     h = hashlib.blake2b(digest_size=8)
+    opaque = 0
     for path, value in leaves:
         if isinstance(value, torch.Tensor):
             text = f"{path}|{value.dtype}|{tuple(value.shape)}|{next(checksums):016x}"
+        elif isinstance(value, _Opaque):
+            opaque += 1
+            text = f"{path}|<{value}>"
         else:
             text = f"{path}|{type(value).__name__}|{value!r}"
         h.update(text.encode() + b"\0")
-    return {"name": "batch", "kind": "batch", "checksum": h.hexdigest(), "tensors": len(tensors)}
+    entry = {"name": "batch", "kind": "batch", "checksum": h.hexdigest(), "tensors": len(tensors)}
+    if opaque:
+        entry["opaque"] = opaque
+    return entry
 
 
 def _members(
@@ -298,6 +350,8 @@ class Trace:
         self._state_every = state_every if state_override is None else state_override
         self._step = 0
         self._file: str | None = _UNRESOLVED if base is not None else None
+        if base is not None:
+            _runinfo.note_tracing()  # from now on, batches other threads fetch are kept
         self._fresh = True  # overwrite the file at the first write
         self._fd: int | None = None
         self._size = 0  # bytes in the file after the last complete write
@@ -451,6 +505,8 @@ class Trace:
             "world_size": _dist.world_size(),
             "torch_threads": torch.get_num_threads(),
             "resumed_from": noted.get("resumed_from"),
+            "trace_restored": noted.get("trace_restored"),
+            "checkpoint_notes": noted.get("checkpoint_notes"),
         }
         env = fingerprint(self._model)
         return {
@@ -570,6 +626,7 @@ class Trace:
         if step < 0:
             raise ValueError(f"Trace state 'step' must be an int >= 0, got {step}")
         self._step = step
+        _runinfo.note("trace_restored", step)  # the step count a checkpoint gave back
         self._unrecorded = None  # the state is being replaced: no end line for the old one
         if self._capture is not None:
             self._capture.sync(step)
