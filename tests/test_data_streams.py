@@ -188,3 +188,32 @@ def test_a_rebuild_from_a_loaders_samplers_does_not_warn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, seed=SEED)
+
+
+class _EqualByContent(Dataset[int]):
+    """A dataset whose equality is by content and elementwise, as a tensor's is."""
+
+    def __init__(self) -> None:
+        self.values = torch.arange(8)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.values[i])
+
+    def __eq__(self, other: object) -> Any:
+        return self.values == getattr(other, "values", None)
+
+    __hash__ = object.__hash__
+
+
+@pytest.mark.parametrize("make", [lambda: torch.arange(16.0).reshape(8, 2), _EqualByContent])
+def test_datasets_read_are_known_by_identity_not_by_their_equality(make: Any) -> None:
+    # A tensor used as a dataset (Lightning users pass one) compares elementwise: the
+    # loader must never ask a dataset whether it equals another.
+    first, other = make(), make()
+    for dataset in (first, other):
+        list(DataLoader(dataset, batch_size=4, shuffle=True, seed=0))
+    with pytest.warns(TorchreproWarning, match="already read"):
+        list(DataLoader(first, batch_size=4, shuffle=True, seed=0))

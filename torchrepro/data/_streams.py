@@ -62,9 +62,11 @@ def reset_created() -> None:
     _warned.clear()
 
 
-# Datasets a loader has read (weakly; a dataset that cannot be weakly referenced, such as
-# a list, is found through the live loaders that read it), and those already warned about.
-_read: weakref.WeakSet[Any] = weakref.WeakSet()
+# Datasets a loader has read, by identity (weakly; a dataset that cannot be weakly
+# referenced, such as a list, is found through the live loaders that read it), and those
+# already warned about. By identity, never by the dataset's own __eq__/__hash__: a tensor
+# used as a dataset compares elementwise, and a dataset may define equality by content.
+_read: dict[int, weakref.ref[Any]] = {}
 _readers: weakref.WeakSet[Any] = weakref.WeakSet()
 _warned: set[int] = set()
 
@@ -72,16 +74,16 @@ _warned: set[int] = set()
 def note_read(loader: Any) -> None:
     """``loader`` starts a pass over its dataset."""
     _readers.add(loader)
+    dataset = loader.dataset
+    key = id(dataset)
     with contextlib.suppress(TypeError):  # not weakly referable: found via _readers
-        _read.add(loader.dataset)
+        _read[key] = weakref.ref(dataset, lambda _ref, key=key: _read.pop(key, None))
 
 
 def warn_if_read(dataset: Any, key: str) -> None:
     """Warn when a loader not rebuilt from another is built over a dataset already read."""
-    try:
-        read = dataset in _read
-    except TypeError:
-        read = False
+    ref = _read.get(id(dataset))
+    read = ref is not None and ref() is dataset
     read = read or any(loader.dataset is dataset for loader in list(_readers))
     if not read or id(dataset) in _warned:
         return
