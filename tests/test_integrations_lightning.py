@@ -20,6 +20,7 @@ pytest.importorskip("torchvision")
 from _frameworks import EXAMPLES, SCRIPTS, check, run_json, torchrun  # noqa: E402
 
 import torchrepro  # noqa: E402
+from torchrepro.data import _streams  # noqa: E402
 from torchrepro.integrations.lightning import ReproCallback  # noqa: E402
 from torchrepro.trace._compare import read_trace  # noqa: E402
 
@@ -44,8 +45,6 @@ def test_mid_epoch_resume_differs_without_the_callback_and_is_bitwise_with_it(tm
 @pytest.mark.slow
 def test_torchrun_two_processes_resume_is_reproducible(tmp_path):
     proc = check(
-        "--runs",
-        "1",
         "--resume-at",
         "11",
         command=torchrun("train_lightning.py", *ARGS),
@@ -164,6 +163,7 @@ def test_recorded_stop_not_resumed_is_an_error(clean_env, tmp_path):
 
 def _train(root: Any, epochs: int, ckpt_path: str | None = None) -> dict[str, torch.Tensor]:
     """Train lightning_resume.py's module with Lightning's default ModelCheckpoint in ``root``."""
+    _streams.reset_created()  # a fresh process: loaders are keyed by creation order
     from lightning_resume import Module, Noisy
 
     callback = ReproCallback(seed=0, trace=False)

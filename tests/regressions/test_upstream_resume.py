@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import torchrepro
+from torchrepro.data import _streams
 
 
 class _Noisy(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -68,6 +69,7 @@ def test_accelerate_2016_resume_inside_the_second_epoch(clean, tmp_path, repro):
     state = str(tmp_path / "state")
 
     def run(stop: tuple[int, int] | None = None, resume: tuple[int, int] | None = None) -> Any:
+        _streams.reset_created()  # a fresh process: loaders are keyed by creation order
         if repro:
             accelerator = ReproAccelerator(cpu=True, seed=0, trace=False)
             loader: Any = torchrepro.DataLoader(torch.arange(12), batch_size=3, shuffle=True)
@@ -133,6 +135,7 @@ def test_lightning_18780_mid_epoch_resume(clean, tmp_path, repro):
                 raise _Stop
 
     def run(stop: bool = False, resume: bool = False) -> dict[str, torch.Tensor]:
+        _streams.reset_created()  # a fresh process: loaders are keyed by creation order
         callbacks: list[Any] = [StopAt()] if stop else []
         if repro:
             callbacks.insert(0, ReproCallback(seed=0, trace=False))
@@ -199,6 +202,7 @@ def test_transformers_11323_mid_epoch_resume(clean, tmp_path, repro):
                 control.should_training_stop = True
 
     def run(out: str, stop: bool = False, resume: str | None = None) -> dict[str, torch.Tensor]:
+        _streams.reset_created()  # a fresh process: loaders are keyed by creation order
         transformers.set_seed(0)
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / out),

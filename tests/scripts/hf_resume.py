@@ -18,6 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import torchrepro
+from torchrepro.data import _streams
 from torchrepro.integrations.transformers import ReproTrainer
 
 STOP = 5  # of 16 steps: mid-epoch (8 batches per epoch)
@@ -55,6 +56,7 @@ class StopAt(TrainerCallback):  # type: ignore[misc]
 def train(
     out: str, repro: bool, workers: int, stop: bool = False, resume: str | None = None
 ) -> Any:
+    _streams.reset_created()  # a fresh process: loaders are keyed by creation order
     if repro:
         torchrepro.seed_everything(0)
     else:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import torchrepro
+from torchrepro.data import _streams
 from torchrepro.integrations.lightning import ReproCallback
 
 
@@ -47,6 +48,7 @@ class GAN(pl.LightningModule):
 
 
 def train(epochs: int = 2, ckpt_path: str | None = None) -> tuple[GAN, pl.Trainer]:
+    _streams.reset_created()  # a fresh process: loaders are keyed by creation order
     repro = ReproCallback(seed=0)
     model = GAN()
     data = torch.randn(64, 4, generator=torch.Generator().manual_seed(1)) + 3

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import torchrepro
+from torchrepro.data import _streams
 from torchrepro.integrations.lightning import ReproCallback
 
 STOP = 5  # of 16 steps: mid-epoch (8 batches per epoch)
@@ -64,6 +65,7 @@ class StopAt(pl.Callback):
 
 
 def train(repro: bool, workers: int, stop: str | None = None, resume: str | None = None) -> Any:
+    _streams.reset_created()  # a fresh process: loaders are keyed by creation order
     callbacks: list[pl.Callback] = []
     if repro:
         callbacks.append(ReproCallback(seed=0, trace=False))
