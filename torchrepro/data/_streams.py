@@ -71,13 +71,22 @@ _readers: weakref.WeakSet[Any] = weakref.WeakSet()
 _warned: set[int] = set()
 
 
+def _forget(key: int) -> Any:
+    """A weak reference's callback: drop ``key`` once its dataset is gone."""
+
+    def forget(_ref: weakref.ref[Any]) -> None:
+        _read.pop(key, None)
+
+    return forget
+
+
 def note_read(loader: Any) -> None:
     """``loader`` starts a pass over its dataset."""
     _readers.add(loader)
     dataset = loader.dataset
     key = id(dataset)
     with contextlib.suppress(TypeError):  # not weakly referable: found via _readers
-        _read[key] = weakref.ref(dataset, lambda _ref, key=key: _read.pop(key, None))
+        _read[key] = weakref.ref(dataset, _forget(key))
 
 
 def warn_if_read(dataset: Any, key: str) -> None:
